@@ -1,0 +1,194 @@
+"""Model behaviour: shapes, masks, attention backends, wiring, heads, save/load."""
+
+import pytest
+import torch
+
+from helpers import make_inputs
+from vilbert import (PRESETS, SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks,
+                     ViLBERTModel)
+from vilbert.modeling import layer_norm as layer_norm_module
+from vilbert.modeling.encoder import schedule
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_shapes(backend):
+    config = ViLBERTConfig.from_preset("tiny", attention_backend=backend)
+    out = ViLBERTModel(config).eval()(**make_inputs(config))
+    assert out.text_sequence.shape == (3, 9, config.hidden_size)
+    assert out.region_sequence.shape == (3, 6, config.v_hidden_size)
+    assert out.text_pooled.shape == out.region_pooled.shape == (3, config.bi_hidden_size)
+    assert (out.text_pooled >= 0).all() and (out.region_pooled >= 0).all()  # ReLU poolers
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_padding_changes_nothing_for_real_positions(backend):
+    config = ViLBERTConfig.from_preset("tiny", attention_backend=backend)
+    model = ViLBERTForTasks(config).eval()
+    inputs = make_inputs(config)
+    changed = {k: v.clone() for k, v in inputs.items()}
+    pad_t, pad_r = inputs["attention_mask"] == 0, inputs["region_mask"] == 0
+    assert pad_t.any() and pad_r.any()
+    changed["input_ids"][pad_t] = 7
+    changed["region_features"][pad_r] = 100.0
+    changed["region_locations"][pad_r] = 0.5
+    with torch.no_grad():
+        a, b = model(**inputs), model(**changed)
+    assert torch.allclose(a.text_sequence[~pad_t], b.text_sequence[~pad_t], atol=1e-6)
+    assert torch.allclose(a.region_sequence[~pad_r], b.region_sequence[~pad_r], atol=1e-6)
+    assert torch.allclose(a.vqa_logits, b.vqa_logits, atol=1e-6)
+    assert torch.allclose(a.pair_logits, b.pair_logits, atol=1e-6)
+    # ... and the change is visible where it is not masked: the test can fail.
+    changed["region_mask"] = torch.ones_like(changed["region_mask"])
+    with torch.no_grad():
+        c = model(**changed)
+    assert not torch.allclose(a.text_sequence[~pad_t], c.text_sequence[~pad_t], atol=1e-3)
+    assert (a.region_logits[pad_r] < -5000).all()
+
+
+def test_sdpa_matches_eager(tiny_config):
+    inputs = make_inputs(tiny_config)
+    sdpa = ViLBERTForPretraining(tiny_config).eval()
+    eager = ViLBERTForPretraining(ViLBERTConfig.from_preset("tiny", attention_backend="eager")).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    with torch.no_grad():
+        a, b = sdpa(**inputs), eager(**inputs)
+    for name in ("text_sequence", "region_sequence", "text_logits", "region_logits", "alignment_logits"):
+        assert (a[name] - b[name]).abs().max() <= 1e-5, name
+
+
+def test_eager_attention_maps(tiny_config):
+    config = ViLBERTConfig.from_preset("tiny", attention_backend="eager")
+    inputs = make_inputs(config)
+    out = ViLBERTModel(config).eval()(**inputs, output_attentions=True)
+    maps = out.attentions
+    assert len(maps.text) == config.num_hidden_layers and len(maps.region) == config.v_num_hidden_layers
+    assert len(maps.co) == config.num_co_attention_layers
+    text_over_regions, regions_over_text = maps.co[0]
+    assert text_over_regions.shape == (3, config.bi_num_attention_heads, 9, 6)
+    assert regions_over_text.shape == (3, config.bi_num_attention_heads, 6, 9)
+    assert torch.allclose(text_over_regions.sum(-1), torch.ones(()), atol=1e-5)
+    padded = inputs["region_mask"][:, None, None, :].expand_as(text_over_regions) == 0
+    assert text_over_regions[padded].max() < 1e-6
+
+
+def _run_order(config):
+    model = ViLBERTModel(config).eval()
+    order = []
+    for kind, layers in (("t", model.encoder.text_layers), ("r", model.encoder.region_layers),
+                         ("c", model.encoder.co_layers)):
+        for i, layer in enumerate(layers):
+            layer.register_forward_hook(lambda *_, name=f"{kind}{i}": order.append(name))
+    with torch.no_grad():
+        model(**make_inputs(config, batch=1, tokens=4, regions=3))
+    return order
+
+
+def _shrunk(preset):
+    """The preset's wiring (layer counts, co-attention ids) at a width that builds quickly."""
+    fields = {k: PRESETS[preset][k] for k in ("num_hidden_layers", "v_num_hidden_layers", "v_biattention_id",
+                                               "t_biattention_id") if k in PRESETS[preset]}
+    return ViLBERTConfig.from_preset("tiny", **{"num_hidden_layers": 12, **fields})
+
+
+def test_wiring_of_the_base_model_follows_the_official_encoder():
+    expected = ("t0 t1 t2 t3 t4 t5 c0 t6 r0 c1 t7 r1 c2 t8 r2 c3 t9 r3 c4 t10 r4 c5 r5 t11").split()
+    assert _run_order(_shrunk("base")) == expected
+
+
+def test_wiring_of_the_reference_config():
+    # v_biattention_id [0, 1], t_biattention_id [2, 3]: co0 after text layers 0-1 and no visual layer.
+    config = ViLBERTConfig.from_official_json("tests/data/reference_vilbert_a.config.json")
+    assert _run_order(config) == "t0 t1 c0 t2 r0 c1 r1 t3".split()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_wiring_counts_for_every_preset(preset):
+    config = _shrunk(preset)
+    order = _run_order(config)
+    assert sorted(order) == sorted([f"t{i}" for i in range(config.num_hidden_layers)] +
+                                   [f"r{i}" for i in range(config.v_num_hidden_layers)] +
+                                   [f"c{k}" for k in range(config.num_co_attention_layers)])
+    for k, (t_end, v_end) in enumerate(zip(config.t_biattention_id, config.v_biattention_id)):
+        before = order[:order.index(f"c{k}")]
+        assert sum(s.startswith("t") for s in before) == t_end
+        assert sum(s.startswith("r") for s in before) == v_end
+    assert [f"{s.kind[0]}{s.index}" for s in schedule(config)] == order
+
+
+def test_depth_presets_put_co_attention_on_the_last_text_layers():
+    for depth in (2, 4, 8):
+        config = ViLBERTConfig.from_preset(f"depth{depth}")
+        assert config.num_co_attention_layers == depth == config.v_num_hidden_layers
+        assert config.t_biattention_id == list(range(12 - depth, 12))
+
+
+def test_base_parameter_count():
+    config = ViLBERTConfig.from_preset("base")
+    model = ViLBERTForPretraining(config)
+    count = sum(p.numel() for p in model.parameters())  # the tied decoder counted once
+    print(f"\nbase preset: {count:,} parameters")
+    assert count == 239_023_229
+    # The official model also creates biOutput.q_dense1 (bi -> v) and q_dense2 (bi -> text)
+    # in every co-attention layer and never uses them.
+    bi, v, t = config.bi_hidden_size, config.v_hidden_size, config.hidden_size
+    q_dense = config.num_co_attention_layers * ((bi * v + v) + (bi * t + t))
+    assert q_dense == 11_020_800
+    assert count + q_dense == 250_044_029
+
+
+def test_frozen_first_layers_get_no_gradient(tiny_config):
+    config = ViLBERTConfig.from_preset("tiny", fixed_t_layer=1)
+    model = ViLBERTForPretraining(config)
+    model(**make_inputs(config), alignment_labels=torch.tensor([0, 1, 0])).loss.backward()
+    assert model.vilbert.encoder.text_layers[0].attention.query.weight.grad is None
+    assert model.vilbert.encoder.text_layers[1].attention.query.weight.grad.abs().sum() > 0
+
+
+def test_official_switches_we_do_not_support_are_refused():
+    with pytest.raises(ValueError, match="in_batch_pairs"):
+        ViLBERTConfig.from_preset("tiny", in_batch_pairs=True)
+    with pytest.raises(ValueError, match="same length"):
+        ViLBERTConfig.from_preset("tiny", v_biattention_id=[0])
+
+
+def test_save_and_load_pretrained(tmp_path, tiny_config):
+    model = ViLBERTForPretraining(tiny_config).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    again = ViLBERTForPretraining.from_pretrained(tmp_path).eval()
+    assert again.heads.mlm.decoder.weight is again.vilbert.text_embeddings.word_embeddings.weight
+    inputs = make_inputs(tiny_config)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).text_logits, again(**inputs).text_logits)
+    # A task model starts from the pretrained streams; only its heads are new.
+    tasks = ViLBERTForTasks.from_pretrained(tmp_path)
+    assert torch.equal(tasks.vilbert.region_embeddings.feature.weight, model.vilbert.region_embeddings.feature.weight)
+
+
+def test_single_stream_baseline(tiny_config):
+    model = SingleStreamForPretraining(tiny_config)
+    inputs = make_inputs(tiny_config)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, 1] = 5
+    masked = torch.zeros_like(inputs["region_mask"], dtype=torch.bool)
+    masked[:, 1] = True
+    out = model(**inputs, masked_lm_labels=labels, masked_regions=masked,
+                region_targets=torch.softmax(torch.randn(3, 6, tiny_config.v_target_size), -1),
+                alignment_labels=torch.tensor([0, 1, 0]))
+    assert out.region_sequence.shape == (3, 6, tiny_config.hidden_size)
+    out.loss.backward()
+    assert model.vilbert.region_embeddings.feature.weight.grad.abs().sum() > 0
+    assert not hasattr(model.vilbert, "co_layers")
+
+
+def test_fused_layer_norm_switch_keeps_state_dict_keys(monkeypatch, tiny_config):
+    class FakeFused(torch.nn.LayerNorm):  # stands in for apex.normalization.FusedLayerNorm
+        pass
+
+    plain = ViLBERTModel(ViLBERTConfig.from_preset("tiny", use_fused_layer_norm=False))
+    monkeypatch.setattr(layer_norm_module, "_ApexLayerNorm", FakeFused)
+    monkeypatch.setattr(layer_norm_module, "APEX_AVAILABLE", True)
+    fused = ViLBERTModel(tiny_config)
+    assert any(isinstance(m, FakeFused) for m in fused.modules())
+    assert not any(isinstance(m, FakeFused) for m in plain.modules())
+    assert list(fused.state_dict()) == list(plain.state_dict())

@@ -1,0 +1,5 @@
+import sys
+
+from vilbert.cli import main
+
+sys.exit(main())

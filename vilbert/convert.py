@@ -1,0 +1,227 @@
+"""Weights from elsewhere into our models: official ViLBERT checkpoints
+(facebookresearch/vilbert-multi-task, jiasenlu/vilbert_beta) and BERT checkpoints.
+
+Official and BERT key names share one translation table: the official text stream uses
+BERT's own names, so the BERT initialisation is the official import restricted to it.
+Checkpoints are read with `weights_only=True` (or safetensors): loading never runs code.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vilbert.config import ViLBERTConfig
+
+log = logging.getLogger(__name__)
+
+# Per-layer sub-keys. Official co-attention: query1/key1/value1 project the image stream,
+# query2/key2/value2 the text stream; text queries (query2) attend over image keys/values
+# (key1, value1) and their result goes through dense2/LayerNorm2 into the text stream.
+_LAYER_KEYS = {
+    "attention.self.query.": "attention.query.",
+    "attention.self.key.": "attention.key.",
+    "attention.self.value.": "attention.value.",
+    "attention.output.dense.": "attention.out.",
+    "attention.output.LayerNorm.": "attention.norm.",
+    "intermediate.dense.": "feed_forward.up.",
+    "output.dense.": "feed_forward.down.",
+    "output.LayerNorm.": "feed_forward.norm.",
+}
+_CO_LAYER_KEYS = {
+    "biattention.query2.": "text.attention.query.",
+    "biattention.key1.": "text.attention.key.",
+    "biattention.value1.": "text.attention.value.",
+    "biOutput.dense2.": "text.attention.out.",
+    "biOutput.LayerNorm2.": "text.attention.norm.",
+    "t_intermediate.dense.": "text.feed_forward.up.",
+    "t_output.dense.": "text.feed_forward.down.",
+    "t_output.LayerNorm.": "text.feed_forward.norm.",
+    "biattention.query1.": "region.attention.query.",
+    "biattention.key2.": "region.attention.key.",
+    "biattention.value2.": "region.attention.value.",
+    "biOutput.dense1.": "region.attention.out.",
+    "biOutput.LayerNorm1.": "region.attention.norm.",
+    "v_intermediate.dense.": "region.feed_forward.up.",
+    "v_output.dense.": "region.feed_forward.down.",
+    "v_output.LayerNorm.": "region.feed_forward.norm.",
+}
+_LAYER_STACKS = {  # official prefix -> (our prefix, sub-key table)
+    "bert.encoder.layer.": ("{base}.encoder.text_layers.", _LAYER_KEYS),
+    "bert.encoder.v_layer.": ("{base}.encoder.region_layers.", _LAYER_KEYS),
+    "bert.encoder.c_layer.": ("{base}.encoder.co_layers.", _CO_LAYER_KEYS),
+}
+_PREFIXES = {  # official prefix -> ours; {base} is the model's base_model_prefix
+    "bert.embeddings.word_embeddings.": "{base}.text_embeddings.word_embeddings.",
+    "bert.embeddings.position_embeddings.": "{base}.text_embeddings.position_embeddings.",
+    "bert.embeddings.token_type_embeddings.": "{base}.text_embeddings.token_type_embeddings.",
+    "bert.embeddings.LayerNorm.": "{base}.text_embeddings.norm.",
+    "bert.v_embeddings.image_embeddings.": "{base}.region_embeddings.feature.",
+    "bert.v_embeddings.image_location_embeddings.": "{base}.region_embeddings.location.",
+    "bert.v_embeddings.LayerNorm.": "{base}.region_embeddings.norm.",
+    "bert.t_pooler.dense.": "{base}.text_pooler.dense.",
+    "bert.v_pooler.dense.": "{base}.region_pooler.dense.",
+    "cls.predictions.transform.dense.": "heads.mlm.dense.",
+    "cls.predictions.transform.LayerNorm.": "heads.mlm.norm.",
+    "cls.predictions.decoder.": "heads.mlm.decoder.",
+    "cls.predictions.bias": "heads.mlm.decoder.bias",
+    "cls.bi_seq_relationship.": "heads.alignment.",
+    "cls.imagePredictions.transform.dense.": "heads.region.dense.",
+    "cls.imagePredictions.transform.LayerNorm.": "heads.region.norm.",
+    "cls.imagePredictions.decoder.": "heads.region.decoder.",
+    "vil_prediction.logit_fc.": "vqa_head.",
+    "vil_logit.": "pair_head.",
+    "vision_logit.": "region_head.",
+}
+# Keys we deliberately leave behind, with the reason the report gives.
+_DROPPED = {
+    r"\.biOutput\.q_dense[12]\.": "q_dense1/q_dense2 are created but never used by the official forward",
+    r"^(vil_prediction_gqa|vil_binary_prediction|vil_tri_prediction|linguisic_logit)\.":
+        "head of an official task this project does not train (GQA, NLVR2, SNLI-VE, word grounding)",
+    r"^bert\.pooler\.": "BERT's tanh pooler; ViLBERT pools with its own ReLU poolers",
+    r"^cls\.seq_relationship\.": "BERT's next-sentence head; ViLBERT's alignment head is separate",
+    r"position_ids$": "a buffer, recomputed",
+}
+
+
+def official_to_ours(key: str, base: str) -> str | None:
+    """Our name for an official (or BERT) key, None when it has no counterpart."""
+    for prefix, (ours, table) in _LAYER_STACKS.items():
+        if key.startswith(prefix):
+            index, _, rest = key[len(prefix):].partition(".")
+            for theirs, mine in table.items():
+                if rest.startswith(theirs):
+                    return ours.format(base=base) + f"{index}." + mine + rest[len(theirs):]
+            return None
+    for theirs, mine in _PREFIXES.items():
+        if key.startswith(theirs):
+            return mine.format(base=base) + key[len(theirs):]
+    return None
+
+
+def _normalise(key: str) -> str:
+    """Undo wrappers and legacy spellings: DataParallel's `module.`, TF-era `gamma`/`beta`,
+    and a bare BertModel's missing `bert.` prefix."""
+    key = key.removeprefix("module.")
+    key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)
+    key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
+    if key.startswith(("embeddings.", "encoder.", "pooler.")):
+        key = "bert." + key
+    return key
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)  # our keys that received a tensor
+    missing: list[str] = field(default_factory=list)  # our keys left at their initialisation
+    unexpected: list[str] = field(default_factory=list)  # source keys we could not place
+    dropped: dict[str, str] = field(default_factory=dict)  # source key -> why it is not needed
+
+    def summary(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors; {len(self.missing)} missing, "
+                 f"{len(self.unexpected)} unexpected, {len(self.dropped)} dropped"]
+        lines += [f"  missing (initialised fresh): {k}" for k in self.missing]
+        lines += [f"  unexpected (ignored): {k}" for k in self.unexpected]
+        for reason in sorted(set(self.dropped.values())):
+            keys = [k for k, r in self.dropped.items() if r == reason]
+            lines.append(f"  dropped {len(keys)} ({reason}): {keys[0]}{' ...' if len(keys) > 1 else ''}")
+        return "\n".join(lines)
+
+
+def load_state_into(model: nn.Module, source: dict[str, torch.Tensor], keep=lambda ours: True) -> LoadReport:
+    """Translate `source` (official or BERT names) and copy it into `model`, strictly
+    checking shapes. Keys whose translation `keep` rejects count as dropped."""
+    base = getattr(model, "base_model_prefix", "vilbert")
+    ours_state = model.state_dict()
+    report = LoadReport()
+    translated = {}
+    for raw, tensor in source.items():
+        key = _normalise(raw)
+        reason = next((why for pattern, why in _DROPPED.items() if re.search(pattern, key)), None)
+        ours = official_to_ours(key, base)
+        if reason is None and ours is not None and ours not in ours_state:
+            reason = f"no such part in {type(model).__name__}"
+        if reason is None and ours is not None and not keep(ours):
+            reason = "outside the part being initialised"
+        if reason is not None:
+            report.dropped[raw] = reason
+        elif ours is None:
+            report.unexpected.append(raw)
+        else:
+            if tuple(tensor.shape) != tuple(ours_state[ours].shape):
+                raise ValueError(f"shape mismatch for {raw} -> {ours}: checkpoint {tuple(tensor.shape)}, "
+                                 f"model {tuple(ours_state[ours].shape)}; does the config match the checkpoint?")
+            translated[ours] = tensor
+    model.load_state_dict(translated, strict=False)
+    report.loaded = sorted(translated)
+    # Tied parameters (MLM decoder = word embeddings) count as loaded when either name was.
+    loaded_storage = {ours_state[k].data_ptr() for k in translated}
+    report.missing = sorted(k for k, v in ours_state.items() if v.data_ptr() not in loaded_storage)
+    return report
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a file (.bin/.pt via torch with weights_only=True, or .safetensors) or
+    from a transformers directory (model.safetensors or pytorch_model.bin)."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()]
+        if not found:
+            raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
+        path = found[0]
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+_TEXT_STREAM = (".text_embeddings.", ".encoder.text_layers.", "heads.mlm.")
+
+
+def load_bert_into(model: nn.Module, bert) -> LoadReport:
+    """Copy a BERT checkpoint (directory, state dict or transformers model) into the text
+    stream and MLM head of `model`, and log what was and was not loaded."""
+    if isinstance(bert, nn.Module):
+        state = bert.state_dict()
+    elif isinstance(bert, dict):
+        state = bert
+    else:
+        state = read_checkpoint(bert)
+    report = load_state_into(model, state, keep=lambda ours: any(p in ours for p in _TEXT_STREAM))
+    log.info("BERT initialisation of %s:\n%s", type(model).__name__, report.summary())
+    return report
+
+
+def convert_official(config_path: str | Path, checkpoint_path: str | Path, out_dir: str | Path | None = None,
+                     model_kind: str = "auto"):
+    """Load an official ViLBERT checkpoint into `ViLBERTForPretraining` or `ViLBERTForTasks`
+    (auto: tasks when the checkpoint has task heads), optionally `save_pretrained` it to
+    `out_dir`. Returns (model, report)."""
+    from vilbert.modeling import ViLBERTForPretraining, ViLBERTForTasks
+
+    state = read_checkpoint(checkpoint_path)
+    keys = {_normalise(k) for k in state}
+    if model_kind == "auto":
+        model_kind = "tasks" if any(k.startswith("vil_prediction.") for k in keys) else "pretraining"
+    overrides = {}
+    if "vil_prediction.logit_fc.3.weight" in keys:
+        answers = next(v for k, v in state.items() if _normalise(k) == "vil_prediction.logit_fc.3.weight")
+        overrides["num_vqa_answers"] = answers.shape[0]
+    config = ViLBERTConfig.from_official_json(config_path, **overrides)
+    model_class = {"tasks": ViLBERTForTasks, "pretraining": ViLBERTForPretraining}[model_kind]
+    model = model_class(config)
+    report = load_state_into(model, state)
+    if report.missing or report.unexpected:
+        log.warning("official checkpoint %s does not fully cover %s:\n%s", checkpoint_path, model_class.__name__,
+                    report.summary())
+    if out_dir is not None:
+        model.save_pretrained(out_dir)
+    return model, report

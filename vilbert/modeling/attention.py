@@ -1,0 +1,59 @@
+"""Multi-head attention of one stream's queries over a context stream, then the output
+projection, residual and post-LayerNorm (BERT's attention sub-layer).
+
+The context is the same stream for self-attention and the other stream for ViLBERT's
+co-attention; only the widths differ, so one module serves both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vilbert.modeling.layer_norm import layer_norm
+
+# The official model adds this to the scores of padded keys. Unlike -inf it keeps a row
+# whose keys are all padding finite (uniform weights) instead of NaN.
+MASK_VALUE = -10000.0
+
+
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, K] 1/0 padding mask -> additive [B, 1, 1, K] bias broadcast over heads and queries."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * MASK_VALUE
+
+
+class Attention(nn.Module):
+    def __init__(self, query_dim: int, context_dim: int, attention_dim: int, num_heads: int, *,
+                 attention_dropout: float, hidden_dropout: float, eps: float, backend: str,
+                 fused_layer_norm: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = attention_dim // num_heads
+        self.backend = backend
+        self.attention_dropout = attention_dropout
+        self.query = nn.Linear(query_dim, attention_dim)
+        self.key = nn.Linear(context_dim, attention_dim)
+        self.value = nn.Linear(context_dim, attention_dim)
+        self.out = nn.Linear(attention_dim, query_dim)
+        self.dropout = nn.Dropout(hidden_dropout)
+        self.norm = layer_norm(query_dim, eps, fused_layer_norm)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, H*D] -> [B, H, L, D]
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor, context_bias: torch.Tensor,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, k, v = self._heads(self.query(hidden)), self._heads(self.key(context)), self._heads(self.value(context))
+        dropout = self.attention_dropout if self.training else 0.0
+        probs = None
+        if self.backend == "sdpa" and not need_weights:
+            mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=context_bias, dropout_p=dropout)
+        else:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + context_bias
+            probs = scores.softmax(dim=-1)
+            mixed = F.dropout(probs, dropout, self.training) @ v
+        mixed = mixed.transpose(1, 2).flatten(2)
+        return self.norm(self.dropout(self.out(mixed)) + hidden), probs

@@ -1,0 +1,84 @@
+"""Transformer layers of ViLBERT: a self-attention layer for each stream, and the
+co-attention layer that joins them.
+
+A co-attention layer is two ordinary transformer layers run side by side whose
+attention takes its keys and values from the *other* stream, both reading the streams
+as they were before the layer (official `BertConnectionLayer`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from vilbert.config import ViLBERTConfig
+from vilbert.modeling.attention import Attention
+from vilbert.modeling.layer_norm import layer_norm
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, inner_dim: int, act: str, dropout: float, eps: float, fused_layer_norm: bool):
+        super().__init__()
+        self.up = nn.Linear(dim, inner_dim)
+        self.act = ACT2FN[act]  # "gelu" is the exact (erf) GELU, as in the official model
+        self.down = nn.Linear(inner_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = layer_norm(dim, eps, fused_layer_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.dropout(self.down(self.act(self.up(x)))) + x)
+
+
+class TransformerLayer(nn.Module):
+    """Attention over a context (itself, or the other stream) followed by a feed-forward block."""
+
+    def __init__(self, attention: Attention, feed_forward: FeedForward):
+        super().__init__()
+        self.attention = attention
+        self.feed_forward = feed_forward
+
+    def forward(self, hidden, context, context_bias, need_weights=False):
+        hidden, probs = self.attention(hidden, context, context_bias, need_weights)
+        return self.feed_forward(hidden), probs
+
+
+def _stream_dims(config: ViLBERTConfig, stream: str) -> dict:
+    """Width, heads, feed-forward size, activation and dropouts of one stream."""
+    if stream == "text":
+        return dict(dim=config.hidden_size, heads=config.num_attention_heads, inner=config.intermediate_size,
+                    act=config.hidden_act, hidden_dropout=config.hidden_dropout_prob,
+                    attention_dropout=config.attention_probs_dropout_prob)
+    return dict(dim=config.v_hidden_size, heads=config.v_num_attention_heads, inner=config.v_intermediate_size,
+                act=config.v_hidden_act, hidden_dropout=config.v_hidden_dropout_prob,
+                attention_dropout=config.v_attention_probs_dropout_prob)
+
+
+def build_layer(config: ViLBERTConfig, stream: str, context_stream: str | None = None) -> TransformerLayer:
+    """A layer of `stream` ("text" or "region"). With `context_stream` set to the other
+    stream it is that stream's half of a co-attention layer: attention runs at the
+    co-attention width, and attention-probability dropout follows the stream of the keys."""
+    own = _stream_dims(config, stream)
+    common = dict(eps=config.layer_norm_eps, fused_layer_norm=config.use_fused_layer_norm)
+    if context_stream is None:
+        context_dim, attention_dim, heads, attention_dropout = own["dim"], own["dim"], own["heads"], own["attention_dropout"]
+    else:
+        other = _stream_dims(config, context_stream)
+        context_dim, attention_dim = other["dim"], config.bi_hidden_size
+        heads, attention_dropout = config.bi_num_attention_heads, other["attention_dropout"]
+    attention = Attention(own["dim"], context_dim, attention_dim, heads, attention_dropout=attention_dropout,
+                          hidden_dropout=own["hidden_dropout"], backend=config.attention_backend, **common)
+    feed_forward = FeedForward(own["dim"], own["inner"], own["act"], own["hidden_dropout"], **common)
+    return TransformerLayer(attention, feed_forward)
+
+
+class CoAttentionLayer(nn.Module):
+    def __init__(self, config: ViLBERTConfig):
+        super().__init__()
+        self.text = build_layer(config, "text", context_stream="region")  # text queries, region keys/values
+        self.region = build_layer(config, "region", context_stream="text")  # region queries, text keys/values
+
+    def forward(self, text, region, text_bias, region_bias, need_weights=False):
+        new_text, text_probs = self.text(text, region, region_bias, need_weights)
+        new_region, region_probs = self.region(region, text, text_bias, need_weights)
+        return new_text, new_region, (text_probs, region_probs)
