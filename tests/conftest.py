@@ -12,3 +12,33 @@ def _seed():
 @pytest.fixture
 def tiny_config():
     return ViLBERTConfig.from_preset("tiny")
+
+
+@pytest.fixture
+def corrupt_shards(tmp_path):
+    """A shard set with one of each problem: NaN features, an empty caption, an undecodable
+    sample, and a second shard cut off in the middle of a sample."""
+    import numpy as np
+
+    from helpers import write_sample_shards
+    from shards.writer import TarShard
+    from vilbert.data.format import ShardIndex, decode_sample, encode_sample, read_shard
+
+    directory = write_sample_shards(tmp_path / "corrupt", n_shards=2, per_shard=40)
+    good = dict(read_shard(directory / "shard-000000.tar"))
+    first = decode_sample(next(iter(good.values())))
+    arrays = {k: first[k] for k in ("features", "boxes", "cls_index", "cls_prob")}
+    nan = {**arrays, "features": np.full_like(arrays["features"], np.nan)}
+    shard = TarShard(directory / "shard-000000.tar")
+    for key, data in good.items():
+        shard.write(key, bytes(data))
+    shard.write("bad-nan", encode_sample("bad-nan", "bad-nan", ["a caption"], 100, 80, nan))
+    shard.write("bad-caption", encode_sample("bad-caption", "bad-caption", [" "], 100, 80, arrays))
+    shard.write("bad-bytes", b"VLB1\xff\xff\x00\x00garbage")
+    shard.close()
+    second = directory / "shard-000001.tar"
+    second.write_bytes(second.read_bytes()[: second.stat().st_size // 2 + 100])
+    index = ShardIndex.read(directory)
+    index.shards[0].samples += 3
+    index.write(directory)
+    return directory

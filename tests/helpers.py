@@ -17,3 +17,27 @@ def make_inputs(config: ViLBERTConfig, batch=3, tokens=9, regions=6, generator_s
     return dict(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids), attention_mask=attention_mask,
                 region_features=torch.randn(batch, regions, config.v_feature_size, generator=g),
                 region_locations=torch.rand(batch, regions, 5, generator=g), region_mask=region_mask)
+
+
+def write_sample_shards(directory, n_shards=4, per_shard=10, feature_dim=8, num_classes=5, seed=0,
+                        captions_of=lambda image_id: [f"a photo of {image_id}", f"{image_id} again"]):
+    """A small shard set of random, valid samples (image ids img0000, img0001, ...)."""
+    import numpy as np
+
+    from shards.build import ShardOptions, encode_record
+    from shards.writer import ShardSetWriter
+
+    rng = np.random.default_rng(seed)
+    options = ShardOptions(class_topk=3)
+    with ShardSetWriter(directory, max_samples=per_shard, feature_dim=feature_dim, num_classes=num_classes,
+                        class_topk=3, max_regions=6, source="test") as writer:
+        for i in range(n_shards * per_shard):
+            n = int(rng.integers(2, 9))
+            xy = rng.uniform(0, 50, (n, 2))
+            record = dict(image_id=f"img{i:04d}", image_w=100, image_h=80,
+                          features=rng.normal(size=(n, feature_dim)).astype(np.float32),
+                          boxes=np.concatenate([xy, xy + 20], 1).astype(np.float32),
+                          cls_prob=rng.dirichlet(np.ones(num_classes), n).astype(np.float32))
+            writer.write(record["image_id"], encode_record(record, captions_of(record["image_id"]), options,
+                                                           key=record["image_id"]))
+    return directory

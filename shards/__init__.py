@@ -1,0 +1,1 @@
+"""Build, check and generate ViLBERT shard sets (`python -m shards --help`)."""

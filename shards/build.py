@@ -1,0 +1,79 @@
+"""Turn records (detector output + captions) into train/val shard sets."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from shards.writer import ShardSetWriter
+from vilbert.data.format import ShardIndex, compact_class_distribution, encode_sample
+
+SPLITS = ("train", "val")
+
+
+@dataclass
+class ShardOptions:
+    samples_per_shard: int = 1000
+    max_shard_bytes: int | None = None
+    val_fraction: float = 0.0
+    seed: int = 0
+    feature_dtype: str = "float16"
+    class_topk: int = 32
+    prefix: str = "shard"
+
+
+def split_of(image_id: str, val_fraction: float, seed: int) -> str:
+    """Train or val, by a hash of the image id: stable across runs, machines and sources."""
+    digest = hashlib.sha1(f"{seed}:{image_id}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2 ** 64 < val_fraction else "train"
+
+
+def encode_record(record: dict, captions: list[str], options: ShardOptions, key: str, meta: dict | None = None):
+    arrays = {"features": record["features"].astype(options.feature_dtype, copy=False),
+              "boxes": record["boxes"].astype(np.float32, copy=False)}
+    if "cls_prob" in record:
+        index, arrays["cls_prob"] = compact_class_distribution(record["cls_prob"], options.class_topk)
+        if index is not None:
+            arrays["cls_index"] = index
+    meta = dict(meta or {})
+    if "objects" in record:
+        meta["objects"] = record["objects"]
+    return encode_sample(key, record["image_id"], captions, record["image_w"], record["image_h"], arrays, meta)
+
+
+def write_shard_sets(ids: list[str], load, captions: dict[str, list[str]], out: str | Path, options: ShardOptions,
+                     *, source: str, prepare=lambda record: record, class_names: list[str] | None = None,
+                     max_regions: int = 36) -> dict[str, ShardIndex]:
+    """Write `out/train` (and `out/val` when val_fraction > 0) from the images `ids`, read
+    with `load(id)` and passed through `prepare` (box selection). Images without captions are
+    skipped and counted. Order: a deterministic shuffle by `options.seed`."""
+    ids = sorted(ids)
+    random.Random(options.seed).shuffle(ids)
+    splits = SPLITS if options.val_fraction > 0 else SPLITS[:1]
+    writers, skipped = {}, 0
+    try:
+        for image_id in tqdm(ids, desc=f"writing shards to {out}", unit="img"):
+            if not captions.get(image_id):
+                skipped += 1
+                continue
+            record = prepare(load(image_id))
+            split = split_of(image_id, options.val_fraction, options.seed)
+            if split not in writers:
+                feature_dim = record["features"].shape[1]
+                num_classes = record["cls_prob"].shape[1] if "cls_prob" in record else 0
+                writers[split] = ShardSetWriter(
+                    Path(out) / split, prefix=options.prefix, max_samples=options.samples_per_shard,
+                    max_bytes=options.max_shard_bytes, feature_dim=feature_dim, num_classes=num_classes,
+                    class_topk=min(options.class_topk, num_classes), feature_dtype=options.feature_dtype,
+                    max_regions=max_regions, source=source, class_names=class_names or [])
+            writers[split].write(image_id, encode_record(record, captions[image_id], options, key=image_id))
+    finally:
+        indexes = {split: writer.close() for split, writer in writers.items()}
+    if skipped:
+        tqdm.write(f"skipped {skipped} images without captions")
+    return {split: indexes[split] for split in splits if split in indexes}

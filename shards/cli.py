@@ -1,0 +1,104 @@
+"""`python -m shards`: write shard sets from detector output, check them, or generate the toy world."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shards.build import ShardOptions
+
+
+def _add_shard_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("shards")
+    group.add_argument("--samples-per-shard", type=int, default=1000)
+    group.add_argument("--max-shard-bytes", type=int, default=None, help="also start a new shard past this size")
+    group.add_argument("--val-fraction", type=float, default=0.0, help="images (by id hash) that go to val/")
+    group.add_argument("--seed", type=int, default=0, help="the deterministic shuffle and the split")
+    group.add_argument("--feature-dtype", choices=("float16", "float32"), default="float16")
+    group.add_argument("--class-topk", type=int, default=32,
+                       help="classes kept per region distribution (>= the class count: all, float16)")
+    group.add_argument("--prefix", default="shard")
+
+
+def _options(args) -> ShardOptions:
+    return ShardOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
+                        val_fraction=args.val_fraction, seed=args.seed, feature_dtype=args.feature_dtype,
+                        class_topk=args.class_topk, prefix=args.prefix)
+
+
+def _write(args) -> int:
+    from shards.build import write_shard_sets
+    from shards.sources import FeatureFolderSource, TsvSource, read_captions, select_boxes
+
+    source = TsvSource(args.tsv) if args.tsv else FeatureFolderSource(args.features_dir, args.allow_pickle)
+    low, high = args.keep_boxes
+    indexes = write_shard_sets(
+        source.ids, source.load, read_captions(args.captions), args.out, _options(args),
+        source=" ".join(args.tsv) if args.tsv else str(args.features_dir),
+        prepare=lambda record: select_boxes(record, low, high, args.conf_threshold), max_regions=high)
+    for split, index in indexes.items():
+        print(f"{split}: {index.num_samples} samples in {len(index.shards)} shards -> {args.out}/{split}")
+    return 0
+
+
+def _check(args) -> int:
+    from shards.check import check_shards
+
+    seen, problems = check_shards(args.shards)
+    for problem in problems:
+        print(problem)
+    print(f"{seen} samples read, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+def _toyworld(args) -> int:
+    from shards.toyworld import write_toyworld
+
+    indexes = write_toyworld(args.out, args.images, args.val_images, seed=args.seed, feature_dim=args.feature_dim,
+                             options=_options(args), workers=args.workers)
+    for split, index in indexes.items():
+        print(f"{split}: {index.num_samples} images in {len(index.shards)} shards -> {args.out}/{split}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m shards", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    write = commands.add_parser("write", help="build shard sets from detector features and captions",
+                                description="Build train/val shard sets from bottom-up-attention TSV files or a "
+                                            "folder of per-image .npy/.npz feature files, joined with captions.")
+    inputs = write.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--tsv", nargs="+", help="bottom-up-attention TSV files")
+    inputs.add_argument("--features-dir", help="folder of per-image .npz/.npy files")
+    write.add_argument("--captions", required=True, help="JSON or JSONL: image id -> caption(s)")
+    write.add_argument("--out", required=True, help="output directory (train/ and val/ inside)")
+    write.add_argument("--keep-boxes", nargs=2, type=int, default=(10, 36), metavar=("MIN", "MAX"))
+    write.add_argument("--conf-threshold", type=float, default=0.2, help="detector confidence to keep a box")
+    write.add_argument("--allow-pickle", action="store_true",
+                       help="read .npy files holding pickled dicts (unpickling runs code: trusted files only)")
+    _add_shard_options(write)
+    write.set_defaults(run=_write)
+
+    check = commands.add_parser("check", help="decode every sample and report bad ones (exit 1 if any)")
+    check.add_argument("shards", help="shard-set directory, index.json, or URL pattern")
+    check.set_defaults(run=_check)
+
+    toy = commands.add_parser("toyworld", help="generate the procedural toy world as a shard set")
+    toy.add_argument("--out", required=True)
+    toy.add_argument("--images", type=int, default=20000, help="training images")
+    toy.add_argument("--val-images", type=int, default=2000)
+    toy.add_argument("--feature-dim", type=int, default=2048)
+    toy.add_argument("--workers", type=int, default=2, help="processes generating shards")
+    _add_shard_options(toy)
+    toy.set_defaults(run=_toyworld)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

