@@ -41,3 +41,29 @@ def write_sample_shards(directory, n_shards=4, per_shard=10, feature_dim=8, num_
             writer.write(record["image_id"], encode_record(record, captions_of(record["image_id"]), options,
                                                            key=record["image_id"]))
     return directory
+
+
+def synthetic_batch(batch_id: int, size: int, feature_dim: int, num_classes: int):
+    """A pretraining Batch that depends on batch_id only (for comparing world sizes)."""
+    import numpy as np
+
+    from vilbert.data import Collator, load_tokenizer
+    from vilbert.data.tokenizer import CaptionTokenizer
+
+    global _TOKENIZER
+    if "_TOKENIZER" not in globals():
+        _TOKENIZER = CaptionTokenizer(load_tokenizer())
+    rng = np.random.default_rng(batch_id)
+    words = ["red", "dog", "blue", "car", "small", "tree", "left", "of", "a", "the"]
+    samples = []
+    for i in range(size):
+        n = int(rng.integers(3, 7))
+        xy = rng.uniform(0, 50, (n, 2)).astype(np.float32)
+        samples.append(dict(key=f"{batch_id}-{i}", image_id=str(i), alignment_label=int(rng.integers(2)),
+                            caption=" ".join(rng.choice(words, int(rng.integers(3, 9)))), image_w=100, image_h=80,
+                            features=rng.normal(size=(n, feature_dim)).astype(np.float16),
+                            boxes=np.concatenate([xy, xy + 20], 1),
+                            cls_index=np.argsort(rng.random((n, num_classes)))[:, :3].astype(np.uint16),
+                            cls_prob=np.full((n, 3), 0.3, np.float16)))
+    collator = Collator(_TOKENIZER, max_regions=6, num_classes=num_classes, class_topk=3, seed=batch_id)
+    return collator(samples)

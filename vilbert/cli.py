@@ -16,6 +16,29 @@ def _convert_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from vilbert.train import load_config, pretrain
+
+    config = load_config(args.config, args.overrides)
+    metrics = pretrain(config, resume=args.resume)
+    if metrics.get("mlflow_run_id"):
+        from vilbert.train.tracking import default_uri
+
+        uri = config.tracking.uri or default_uri(config.output_dir)
+        print(f"\nfinal metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        print(f"model: {config.output_dir}/model (save_pretrained)\nMLflow run {metrics['mlflow_run_id']}; "
+              f"open the UI with:\n    mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from vilbert.train.checkpoint import export
+
+    export(args.checkpoint_dir, args.out_dir, args.tag)
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vilbert", description="ViLBERT pretraining and fine-tuning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--model", choices=("auto", "pretraining", "tasks"), default="auto",
                          help="target model (auto: tasks if the checkpoint has task heads)")
     convert.set_defaults(run=_convert_official)
+
+    pretrain = commands.add_parser(
+        "pretrain", help="pretrain ViLBERT (any launcher: python, torchrun, deepspeed, SLURM)",
+        description="Pretrain on a shard set with DeepSpeed. Settings come from a YAML file and dotted "
+                    "key=value overrides, e.g. optim.lr=5e-5 data.batch_size=16 deepspeed=deepspeed_configs/"
+                    "zero3_bf16.json. The resolved config is saved beside the checkpoints.")
+    pretrain.add_argument("--config", help="training YAML (see configs/)")
+    pretrain.add_argument("--resume", default="none",
+                          help="'auto': continue from the newest complete checkpoint; a tag; or 'none'")
+    pretrain.add_argument("overrides", nargs="*", metavar="key=value")
+    pretrain.set_defaults(run=_pretrain)
+
+    export = commands.add_parser("export", help="write a checkpoint as a save_pretrained model (fp32)",
+                                 description="Turn a DeepSpeed checkpoint directory (any ZeRO stage) into a "
+                                             "save_pretrained directory for fine-tuning and sharing.")
+    export.add_argument("checkpoint_dir")
+    export.add_argument("out_dir")
+    export.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
+    export.set_defaults(run=_export)
     return parser
 
 

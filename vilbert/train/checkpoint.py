@@ -1,0 +1,114 @@
+"""Checkpoints: collective DeepSpeed saves, a completion marker, an atomic `latest`,
+retention, resume, and export to a `save_pretrained` model.
+
+A save is complete only once every rank has written its shard and rank 0 has written
+`<tag>/COMPLETE`; only then does `latest` move (write to a temporary file, then rename). A
+crash mid-save therefore leaves `latest` on the previous complete checkpoint, and
+`--resume auto` ignores tags without the marker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+LATEST = "latest"  # the file DeepSpeed itself reads: one line, the tag
+MODEL_CONFIG = "model_config.json"
+MODEL_CLASS = "model_class.txt"
+CLIENT_KEY = "vilbert"  # our training state inside DeepSpeed's client state: step, samples seen, data seed
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def complete_tags(directory: str | Path) -> list[str]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if (p / MARKER).exists())
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save(engine, directory: str | Path, state: dict, keep_last: int, is_main: bool) -> str:
+    """Collective: every rank must call it."""
+    directory, tag = Path(directory), tag_for(state["step"])
+    engine.save_checkpoint(str(directory), tag=tag, client_state={CLIENT_KEY: state}, save_latest=False)
+    _barrier()
+    if is_main:
+        (directory / tag / MARKER).write_text(json.dumps(state))
+        temporary = directory / f".{LATEST}.tmp"
+        temporary.write_text(tag)
+        os.replace(temporary, directory / LATEST)
+        for old in complete_tags(directory)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(directory / old, ignore_errors=True)
+    _barrier()
+    return tag
+
+
+def resume_tag(directory: str | Path, resume: str) -> str | None:
+    """'auto': the newest complete checkpoint (None if there is none); 'none' or '': start
+    fresh; anything else: that tag, which must be complete."""
+    if resume in ("", "none"):
+        return None
+    tags = complete_tags(directory)
+    if resume == "auto":
+        return tags[-1] if tags else None
+    if resume not in tags:
+        raise FileNotFoundError(f"checkpoint {resume!r} in {directory} is missing or incomplete; complete: {tags}")
+    return resume
+
+
+def load(engine, directory: str | Path, tag: str) -> dict:
+    _, client_state = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+    if client_state is None or CLIENT_KEY not in client_state:
+        raise RuntimeError(f"could not load checkpoint {tag} from {directory}")
+    return client_state[CLIENT_KEY]
+
+
+def fp32_state_dict(directory: str | Path, tag: str) -> dict[str, torch.Tensor]:
+    """The full fp32 model weights of a checkpoint from any ZeRO stage: ZeRO 1-3 rebuild them
+    from the partitioned fp32 master copies; ZeRO 0 keeps the module whole."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    path = Path(directory) / tag
+    if list(path.glob("zero_pp_rank_*_optim_states.pt")) or list(path.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+    # Our own checkpoint (it holds DeepSpeed's objects, hence weights_only=False).
+    module = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in module.items()}
+
+
+def export(directory: str | Path, out_dir: str | Path, tag: str | None = None):
+    """Write a checkpoint's model as a `save_pretrained` directory (fp32). Returns the model."""
+    from vilbert import SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining
+
+    directory = Path(directory)
+    tag = tag or resume_tag(directory, "auto")
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    classes = {c.__name__: c for c in (ViLBERTForPretraining, SingleStreamForPretraining)}
+    model = classes[(directory / MODEL_CLASS).read_text().strip()](
+        ViLBERTConfig.from_json_file(directory / MODEL_CONFIG))
+    state = fp32_state_dict(directory, tag)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"heads.mlm.decoder.weight"}  # stored once, under the word embeddings
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint {tag} does not match the model: missing {missing}, unexpected {unexpected}")
+    model.save_pretrained(out_dir)
+    log.info("exported %s/%s to %s", directory, tag, out_dir)
+    return model

@@ -1,0 +1,91 @@
+"""Process-group setup that works under every launcher.
+
+`deepspeed`, `torchrun` and our SLURM front-end all end up here; they differ only in which
+environment variables say who is who:
+
+- deepspeed launcher / torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
+- SLURM (srun, submitit): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, and the first host
+  of SLURM_JOB_NODELIST as the rendezvous;
+- plain `python`: one process; we set the variables ourselves, so DeepSpeed never falls
+  back to mpi4py discovery.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", ""))
+    try:
+        return subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                              check=True).stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0] or "127.0.0.1"
+
+
+def discover() -> DistEnv:
+    """Fill in the torch.distributed rendezvous variables from whichever launcher ran us."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "deepspeed/torchrun"
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        launcher = "slurm"
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env.setdefault("MASTER_ADDR", _first_slurm_host())
+        # A port derived from the job id: every task computes the same one.
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    else:
+        launcher = "python"
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("LOCAL_RANK", "0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
+    return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), launcher)
+
+
+def select_accelerator() -> str:
+    """'cuda' when a GPU is visible, else 'cpu' (then DeepSpeed's CPU accelerator and gloo).
+    Must run before deepspeed is imported."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return "cpu"
+
+
+def init_distributed() -> tuple[DistEnv, str]:
+    device_type = select_accelerator()
+    env = discover()
+    import deepspeed
+    import torch
+
+    if device_type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
+    return env, device_type

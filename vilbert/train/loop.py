@@ -1,0 +1,181 @@
+"""Pretraining: DeepSpeed engine, the loop, checkpoints and tracking.
+
+    for each optimizer step:
+        for each micro batch (gradient accumulation):
+            batch = next(data); out = model(batch); engine.backward(out.loss); engine.step()
+        log metrics (rank 0); checkpoint every N steps (all ranks); evaluate every M steps
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from vilbert.train import checkpoint
+from vilbert.train.config import TrainConfig, deepspeed_config
+from vilbert.train.distributed import init_distributed
+from vilbert.train.evaluate import evaluate
+from vilbert.train.optim import build_optimizer, warmup_linear_decay
+from vilbert.train.tracking import Tracker, git_commit
+
+log = logging.getLogger(__name__)
+EVAL_SEED_OFFSET = -1  # a fixed stream: every evaluation sees the same held-out batches
+
+
+def build_model(config: TrainConfig, feature_dim: int, num_classes: int):
+    from vilbert import SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining
+    from vilbert.data.tokenizer import default_vocab
+
+    vil_config = ViLBERTConfig.from_preset(config.model.preset, **{
+        "v_feature_size": feature_dim, "v_target_size": num_classes, **config.model.overrides})
+    model_class = SingleStreamForPretraining if config.model.single_stream else ViLBERTForPretraining
+    if not config.model.bert:
+        return model_class(vil_config)
+    bert = default_vocab() if config.model.bert == "minilm" else config.model.bert
+    model, report = model_class.from_bert(bert, vil_config)
+    log.info("text stream from %s: %d tensors loaded, %d start fresh", bert, len(report.loaded), len(report.missing))
+    return model
+
+
+def _float_dtype(ds_config: dict) -> torch.dtype:
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def _mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return dict(zip(values, (tensor / dist.get_world_size()).tolist()))
+
+
+def _unreported_grad_norm(engine) -> float:
+    """The gradient norm where DeepSpeed does not report one (ZeRO 0 in fp32), before the
+    step clears the gradients; NaN where DeepSpeed reports it (ZeRO partitions the grads)."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if engine.zero_optimization_stage() > 0 or not grads:
+        return float("nan")
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+
+
+def _data(config: TrainConfig, data_config, env, seed_offset: int, visual_target: int, data_factory):
+    if data_factory is not None:
+        return data_factory(env.rank, env.world_size, seed_offset)
+    from vilbert.data import build_loader
+
+    loader, _ = build_loader(data_config, train=True, rank=env.rank, world_size=env.world_size,
+                             seed_offset=seed_offset, visual_target=visual_target)
+    return iter(loader)
+
+
+def pretrain(config: TrainConfig, resume: str = "none", data_factory=None) -> dict[str, float]:
+    """Run (or continue) pretraining; returns the last logged and held-out metrics.
+    `data_factory(rank, world_size, seed_offset) -> iterator of Batch` replaces the shard
+    pipeline (tests use it to feed identical batches to different world sizes)."""
+    env, device_type = init_distributed()
+    import deepspeed
+
+    from vilbert.data import ShardIndex
+
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    index = ShardIndex.read(config.data.shards) if data_factory is None else None
+    model = build_model(config, *(index.feature_dim, index.num_classes) if index else
+                        (config.model.overrides["v_feature_size"], config.model.overrides["v_target_size"]))
+    ds_config = deepspeed_config(config, env.world_size)
+    optimizer = build_optimizer(model, config.optim)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           lr_scheduler=warmup_linear_decay(optimizer, config.optim))
+    dtype, accumulation = _float_dtype(ds_config), engine.gradient_accumulation_steps()
+
+    checkpoints = config.checkpoint_dir
+    if env.is_main:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        config.save(Path(config.output_dir) / "config.yaml")
+        config.save(checkpoints / "config.yaml")
+        model.config.to_json_file(checkpoints / checkpoint.MODEL_CONFIG)
+        (checkpoints / checkpoint.MODEL_CLASS).write_text(type(model).__name__)
+    state = {"step": 0, "samples": 0, "data_seed": config.data.seed}
+    tag = checkpoint.resume_tag(checkpoints, resume)
+    if tag is not None:
+        state = checkpoint.load(engine, checkpoints, tag)
+        log.info("resumed from %s/%s at step %d", checkpoints, tag, state["step"])
+
+    tracker = Tracker(config.tracking, config.output_dir, enabled=env.is_main)
+    tracker.start({**config.flat(), **{f"deepspeed.{k}": v for k, v in ds_config.items()},
+                   "world_size": env.world_size, "launcher": env.launcher, "device": device_type,
+                   "git_commit": git_commit(), "resumed_from": tag or "",
+                   "parameters": sum(p.numel() for p in model.parameters())},
+                  run_name=config.tracking.run_name or Path(config.output_dir).name)
+    batches = _data(config, config.data, env, state["step"], model.config.visual_target, data_factory)
+    held_out = None
+    if config.eval.shards:
+        eval_data = type(config.data)(**{**vars(config.data), "shards": config.eval.shards, "fraction": 1.0})
+        held_out = _data(config, eval_data, env, EVAL_SEED_OFFSET, model.config.visual_target, None)
+
+    metrics: dict[str, float] = {}
+    progress = tqdm(total=config.optim.steps, initial=state["step"], disable=not env.is_main, desc="pretraining",
+                    unit="step", dynamic_ncols=True)
+    status = "FAILED"
+    try:
+        while state["step"] < config.optim.steps:
+            started, waited, sums, tokens = time.perf_counter(), 0.0, defaultdict(float), 0
+            for _ in range(accumulation):
+                fetch = time.perf_counter()
+                batch = next(batches).to(engine.device)
+                waited += time.perf_counter() - fetch
+                out = engine(**batch.model_inputs(dtype))
+                engine.backward(out.loss)
+                if engine.is_gradient_accumulation_boundary():
+                    own_grad_norm = _unreported_grad_norm(engine)
+                engine.step()
+                for name in ("loss", "mlm_loss", "region_loss", "alignment_loss"):
+                    sums[name] += out[name].item() / accumulation
+                sums["alignment_accuracy"] += (out.alignment_logits.argmax(-1) == batch.alignment_labels
+                                               ).float().mean().item() / accumulation
+                tokens += int(batch.attention_mask.sum())
+            elapsed = time.perf_counter() - started
+            state["step"] += 1
+            state["samples"] += config.optim.global_batch_size
+            step = state["step"]
+            metrics = {f"train/{k}": v for k, v in _mean_over_ranks(dict(sums), engine.device).items()}
+            grad_norm = engine.get_global_grad_norm()
+            metrics.update({"train/lr": engine.get_lr()[0],
+                            "train/grad_norm": float(grad_norm) if grad_norm is not None else own_grad_norm,
+                            "train/samples_per_s": config.optim.global_batch_size / elapsed,
+                            "train/tokens_per_s": tokens * env.world_size / elapsed,
+                            "train/data_wait_fraction": waited / elapsed, "train/samples_seen": state["samples"]})
+            if ds_config.get("fp16", {}).get("enabled"):
+                metrics["train/loss_scale"] = float(engine.optimizer.cur_scale)
+            if held_out is not None and config.eval.every_steps and step % config.eval.every_steps == 0:
+                metrics.update(evaluate(engine, held_out, config.eval.max_batches, dtype))
+            if step % config.tracking.log_every == 0 or step == config.optim.steps:
+                tracker.log_metrics(metrics, step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
+                                 samples_s=f"{metrics['train/samples_per_s']:.1f}")
+            if step % config.checkpoint.every_steps == 0 or step == config.optim.steps:
+                checkpoint.save(engine, checkpoints, state, config.checkpoint.keep_last, env.is_main)
+        if held_out is not None:
+            metrics.update(evaluate(engine, held_out, config.eval.max_batches, dtype))
+            tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, state["step"])
+        if env.is_main:
+            model_dir = Path(config.output_dir) / "model"
+            checkpoint.export(checkpoints, model_dir)
+            tracker.log_artifacts(Path(config.output_dir) / "config.yaml")
+            tracker.log_artifacts(model_dir, "model")
+        status = "FINISHED"
+    finally:
+        progress.close()
+        tracker.finish(status)
+    metrics["mlflow_run_id"] = tracker.run_id
+    return metrics
