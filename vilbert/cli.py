@@ -17,17 +17,28 @@ def _convert_official(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    import json
+    import os
+    from pathlib import Path
+
     from vilbert.train import load_config, pretrain
+    from vilbert.train.tracking import default_uri
 
     config = load_config(args.config, args.overrides)
     metrics = pretrain(config, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    logged = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["train/loss"] for m in logged if "train/loss" in m]
+    print(f"\ntrain loss: {sum(losses[:3]) / len(losses[:3]):.3f} over the first logged steps -> "
+          f"{sum(losses[-3:]) / len(losses[-3:]):.3f} over the last")
+    if "val/alignment_accuracy" in metrics:
+        print(f"held-out: alignment accuracy {metrics['val/alignment_accuracy']:.3f} (chance 0.5), masked-LM "
+              f"accuracy {metrics['val/mlm_accuracy']:.3f}, loss {metrics['val/loss']:.3f}")
+    print(f"model: {config.output_dir}/model (save_pretrained); metrics: {config.output_dir}/metrics.jsonl")
     if metrics.get("mlflow_run_id"):
-        from vilbert.train.tracking import default_uri
-
         uri = config.tracking.uri or default_uri(config.output_dir)
-        print(f"\nfinal metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-        print(f"model: {config.output_dir}/model (save_pretrained)\nMLflow run {metrics['mlflow_run_id']}; "
-              f"open the UI with:\n    mlflow ui --backend-store-uri {uri}")
+        print(f"MLflow run {metrics['mlflow_run_id']}; open the UI with:\n    mlflow ui --backend-store-uri {uri}")
     return 0
 
 
@@ -41,6 +52,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vilbert", description="ViLBERT pretraining and fine-tuning.")
+    # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK says the same.
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser(

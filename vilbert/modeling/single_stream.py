@@ -13,10 +13,10 @@ from torch import nn
 from vilbert.config import ViLBERTConfig
 from vilbert.modeling.attention import attention_bias
 from vilbert.modeling.embeddings import RegionEmbeddings, TextEmbeddings
-from vilbert.modeling.heads import Pooler, PretrainingHeads
+from vilbert.modeling.heads import Pooler
 from vilbert.modeling.layers import build_layer
-from vilbert.modeling.outputs import ViLBERTModelOutput, ViLBERTPretrainingOutput
-from vilbert.modeling.vilbert import ViLBERTPreTrainedModel, _all_real
+from vilbert.modeling.outputs import ViLBERTModelOutput
+from vilbert.modeling.vilbert import ViLBERTForPretraining, ViLBERTPreTrainedModel, _all_real
 
 
 class SingleStreamEncoder(nn.Module):
@@ -41,7 +41,9 @@ class SingleStreamModel(ViLBERTPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids, region_features, region_locations, token_type_ids=None, attention_mask=None,
-                region_mask=None) -> ViLBERTModelOutput:
+                region_mask=None, output_attentions: bool = False) -> ViLBERTModelOutput:
+        if output_attentions:
+            raise ValueError("the single-stream baseline does not return attention maps")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         attention_mask = _all_real(input_ids[..., None]) if attention_mask is None else attention_mask
@@ -55,23 +57,8 @@ class SingleStreamModel(ViLBERTPreTrainedModel):
                                   region_pooled=self.region_pooler(region))
 
 
-class SingleStreamForPretraining(ViLBERTPreTrainedModel):
-    _tied_weights_keys = {"heads.mlm.decoder.weight": "vilbert.text_embeddings.word_embeddings.weight"}
+class SingleStreamForPretraining(ViLBERTForPretraining):
+    """ViLBERT's pretraining heads and objectives on the single-stream encoder."""
 
-    def __init__(self, config: ViLBERTConfig):
-        super().__init__(config)
-        self.vilbert = SingleStreamModel(config)
-        self.heads = PretrainingHeads(config, config.hidden_size, config.hidden_size)
-        self.post_init()
-
-    def get_output_embeddings(self):
-        return self.heads.mlm.decoder
-
-    def forward(self, input_ids, region_features, region_locations, token_type_ids=None, attention_mask=None,
-                region_mask=None, masked_lm_labels=None, masked_regions=None, region_targets=None,
-                alignment_labels=None) -> ViLBERTPretrainingOutput:
-        out = self.vilbert(input_ids, region_features, region_locations, token_type_ids, attention_mask, region_mask)
-        region_mask = _all_real(region_features) if region_mask is None else region_mask
-        heads = self.heads(out.text_sequence, out.region_sequence, out.text_pooled, out.region_pooled, region_mask,
-                           masked_lm_labels, masked_regions, region_targets, alignment_labels)
-        return ViLBERTPretrainingOutput(**heads, **out)
+    base_model_class = SingleStreamModel
+    region_width_field = "hidden_size"  # regions live at the text width

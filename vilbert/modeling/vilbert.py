@@ -70,11 +70,13 @@ class ViLBERTModel(ViLBERTPreTrainedModel):
 
 class ViLBERTForPretraining(ViLBERTPreTrainedModel):
     _tied_weights_keys = {"heads.mlm.decoder.weight": "vilbert.text_embeddings.word_embeddings.weight"}
+    base_model_class = ViLBERTModel
+    region_width_field = "v_hidden_size"
 
     def __init__(self, config: ViLBERTConfig):
         super().__init__(config)
-        self.vilbert = ViLBERTModel(config)
-        self.heads = PretrainingHeads(config, config.hidden_size, config.v_hidden_size)
+        self.vilbert = self.base_model_class(config)
+        self.heads = PretrainingHeads(config, config.hidden_size, getattr(config, self.region_width_field))
         self.post_init()
 
     def get_output_embeddings(self):
