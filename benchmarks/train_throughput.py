@@ -51,7 +51,7 @@ def main() -> None:
         common = [f"data.shards={tmp / 'toy' / 'train'}", "data.workers=1", f"optim.steps={args.steps}",
                   "tracking.enabled=false", "tracking.log_every=1", f"checkpoint.every_steps={10 ** 9}",
                   "model.bert=minilm"]
-        print(f"| device | preset | ranks | precision / ZeRO | micro batch | samples/s | data wait | MFU |")
+        print("| device | preset | ranks | precision / ZeRO | micro batch | samples/s | data wait | MFU |")
         print("|---|---|---|---|---|---|---|---|")
         for ranks in (1, 2):
             command = [sys.executable, "-m", "vilbert"] if ranks == 1 else \

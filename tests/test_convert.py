@@ -1,6 +1,5 @@
 """Importing official ViLBERT checkpoints and initialising from BERT."""
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -8,7 +8,7 @@ import pytest
 
 from shards.build import ShardOptions, write_shard_sets
 from shards.cli import main as shards_main
-from shards.sources import FeatureFolderSource, TsvSource, read_captions, select_boxes
+from shards.sources import FeatureFolderSource, read_captions, select_boxes
 from shards.toyworld import CLASSES, MAX_REGIONS, MIN_REGIONS, ToyWorld, write_toyworld
 from vilbert.data.format import ShardIndex, decode_sample, read_shard
 

@@ -189,3 +189,19 @@ def test_a_dead_tracking_server_does_not_stop_training(tmp_path, toy_world):
     assert "MLflow start failed" in result.stderr
     assert [m["step"] for m in _steps_logged(tmp_path / "run") if "train/loss" in m] == [1, 2, 3]
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_the_deepspeed_launcher_runs_two_cpu_processes(tmp_path, toy_world):
+    """The README's CPU equivalent of the 8-GPU command."""
+    config = _run_config(tmp_path, toy_world, optim={"steps": 2, "global_batch_size": 16}, eval={"shards": ""})
+    result = subprocess.run(["deepspeed", "--num_gpus", "2", "--module", "vilbert", "pretrain", "--config",
+                             str(config)], env={**ENV, "DS_ACCELERATOR": "cpu"}, cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("test").experiment_id])[0]
+    assert run.data.params["world_size"] == "2" and run.data.params["launcher"] == "deepspeed/torchrun"
+    assert run.data.params["deepspeed.gradient_accumulation_steps"] == "1"  # 16 = 8 per rank x 2 ranks
+    assert [m["step"] for m in _steps_logged(tmp_path / "run")] == [1, 2]

@@ -22,7 +22,6 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vilbert.config import VISUAL_TARGET_KL

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -68,7 +69,7 @@ def _unreported_grad_norm(engine) -> float:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
 
 
-def _data(config: TrainConfig, data_config, env, seed_offset: int, visual_target: int, data_factory):
+def _data(data_config, env, seed_offset: int, visual_target: int, data_factory):
     if data_factory is not None:
         return data_factory(env.rank, env.world_size, seed_offset)
     from vilbert.data import build_loader
@@ -116,11 +117,11 @@ def pretrain(config: TrainConfig, resume: str = "none", data_factory=None) -> di
                    "git_commit": git_commit(), "resumed_from": tag or "",
                    "parameters": sum(p.numel() for p in model.parameters())},
                   run_name=config.tracking.run_name or Path(config.output_dir).name)
-    batches = _data(config, config.data, env, state["step"], model.config.visual_target, data_factory)
+    batches = _data(config.data, env, state["step"], model.config.visual_target, data_factory)
     held_out = None
     if config.eval.shards:
-        eval_data = type(config.data)(**{**vars(config.data), "shards": config.eval.shards, "fraction": 1.0})
-        held_out = _data(config, eval_data, env, EVAL_SEED_OFFSET, model.config.visual_target, None)
+        eval_data = dataclasses.replace(config.data, shards=config.eval.shards, fraction=1.0)
+        held_out = _data(eval_data, env, EVAL_SEED_OFFSET, model.config.visual_target, None)
 
     metrics: dict[str, float] = {}
     progress = tqdm(total=config.optim.steps, initial=state["step"], disable=not env.is_main, desc="pretraining",
