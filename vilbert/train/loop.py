@@ -155,8 +155,9 @@ def pretrain(config: TrainConfig, resume: str = "none", data_factory=None) -> di
                             "train/samples_per_s": config.optim.global_batch_size / elapsed,
                             "train/tokens_per_s": tokens * env.world_size / elapsed,
                             "train/data_wait_fraction": waited / elapsed, "train/samples_seen": state["samples"]})
-            if ds_config.get("fp16", {}).get("enabled"):
-                metrics["train/loss_scale"] = float(engine.optimizer.cur_scale)
+            if ds_config.get("fp16", {}).get("enabled"):  # ZeRO and plain fp16 optimizers name it differently
+                scale = getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", None))
+                metrics["train/loss_scale"] = float(scale) if scale is not None else float("nan")
             if held_out is not None and config.eval.every_steps and step % config.eval.every_steps == 0:
                 metrics.update(evaluate(engine, held_out, config.eval.max_batches, dtype))
             if step % config.tracking.log_every == 0 or step == config.optim.steps:
