@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from vilbert.data.format import BadSample, decode_sample, read_shard, validate_sample
+from vilbert.data.format import UNREADABLE, read_checked_samples
 from vilbert.data.pipeline import resolve_shards
 
 
@@ -30,16 +29,11 @@ def check_shards(spec: str) -> tuple[int, list[Problem]]:
     expected = {s.name: s.samples for s in index.shards} if index else {}
     seen, problems = 0, []
     for url in tqdm(urls, desc="checking shards", unit="shard"):
-        key, count = "(start of shard)", 0
-        try:
-            for key, data in read_shard(url):
-                count += 1
-                try:
-                    validate_sample(decode_sample(data), feature_dim)
-                except BadSample as e:
-                    problems.append(Problem(url, key, str(e)))
-        except (tarfile.TarError, OSError, EOFError) as e:
-            problems.append(Problem(url, f"after {key}", f"unreadable shard ({type(e).__name__}: {e})"))
+        count = 0
+        for key, _, problem in read_checked_samples(url, feature_dim):
+            if problem is not None:
+                problems.append(Problem(url, key, problem))
+            count += problem is None or not problem.startswith(UNREADABLE)
         seen += count
         name = Path(url).name
         if name in expected and expected[name] != count:

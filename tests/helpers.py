@@ -1,5 +1,7 @@
 """Helpers shared by the tests."""
 
+import functools
+
 import torch
 
 from vilbert import ViLBERTConfig
@@ -43,16 +45,20 @@ def write_sample_shards(directory, n_shards=4, per_shard=10, feature_dim=8, num_
     return directory
 
 
+@functools.lru_cache(maxsize=1)
+def _caption_tokenizer():
+    from vilbert.data import load_tokenizer
+    from vilbert.data.tokenizer import CaptionTokenizer
+
+    return CaptionTokenizer(load_tokenizer())
+
+
 def synthetic_batch(batch_id: int, size: int, feature_dim: int, num_classes: int):
     """A pretraining Batch that depends on batch_id only (for comparing world sizes)."""
     import numpy as np
 
-    from vilbert.data import Collator, load_tokenizer
-    from vilbert.data.tokenizer import CaptionTokenizer
+    from vilbert.data import Collator
 
-    global _TOKENIZER
-    if "_TOKENIZER" not in globals():
-        _TOKENIZER = CaptionTokenizer(load_tokenizer())
     rng = np.random.default_rng(batch_id)
     words = ["red", "dog", "blue", "car", "small", "tree", "left", "of", "a", "the"]
     samples = []
@@ -65,5 +71,5 @@ def synthetic_batch(batch_id: int, size: int, feature_dim: int, num_classes: int
                             boxes=np.concatenate([xy, xy + 20], 1),
                             cls_index=np.argsort(rng.random((n, num_classes)))[:, :3].astype(np.uint16),
                             cls_prob=np.full((n, 3), 0.3, np.float16)))
-    collator = Collator(_TOKENIZER, max_regions=6, num_classes=num_classes, class_topk=3, seed=batch_id)
+    collator = Collator(_caption_tokenizer(), max_regions=6, num_classes=num_classes, class_topk=3, seed=batch_id)
     return collator(samples)

@@ -9,7 +9,7 @@ so workers, shared memory and host-to-device copies move ~20x fewer target bytes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -48,14 +48,10 @@ class Batch:
     feature_targets: torch.Tensor | None = None  # [B, R, F] unmasked features (regression / NCE)
     keys: list[str] = field(default_factory=list)
 
-    _TENSORS = ("input_ids", "token_type_ids", "attention_mask", "region_features", "region_locations",
-                "region_mask", "masked_lm_labels", "masked_regions", "alignment_labels", "class_index", "class_prob",
-                "feature_targets")
-
     def to(self, device) -> "Batch":
-        moved = {name: t.to(device, non_blocking=True) for name in self._TENSORS
-                 if (t := getattr(self, name)) is not None}
-        return Batch(**moved, num_classes=self.num_classes, keys=self.keys)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{name: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                        for name, v in values.items()})
 
     def model_inputs(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """Keyword arguments of `ViLBERTForPretraining.forward`, floats in `dtype`."""
@@ -101,17 +97,18 @@ class Collator:
                                             self.tokenizer.vocab_size, self.generator)
 
         batch, slots, k = len(samples), self.max_regions + 1, self.class_topk
+        kl = self.visual_target == VISUAL_TARGET_KL
         counts = [min(len(s["features"]), self.max_regions) for s in samples]
         features = torch.zeros(batch, slots, samples[0]["features"].shape[1], dtype=torch.float16)
         locations = torch.zeros(batch, slots, 5)
-        class_index = torch.zeros(batch, slots, k, dtype=torch.int16)
-        class_prob = torch.zeros(batch, slots, k, dtype=torch.float16)
+        class_index = torch.zeros(batch, slots, k, dtype=torch.int16) if kl else None
+        class_prob = torch.zeros(batch, slots, k, dtype=torch.float16) if kl else None
         for i, (s, n) in enumerate(zip(samples, counts)):
             regions = torch.from_numpy(s["features"][:n])
             features[i, 1:n + 1] = regions
             features[i, 0] = regions.sum(0, dtype=torch.float32) / n  # IMG token: mean of the regions, before masking
             locations[i, 1:n + 1] = torch.from_numpy(region_locations(s["boxes"][:n], s["image_w"], s["image_h"]))
-            if self.visual_target == VISUAL_TARGET_KL:
+            if kl:
                 class_prob[i, 1:n + 1] = torch.from_numpy(s["cls_prob"][:n])
                 # Stored densely (k = all classes) there is no index: class j is column j.
                 class_index[i, 1:n + 1] = torch.from_numpy(s["cls_index"][:n].view(np.int16)) \
@@ -120,13 +117,12 @@ class Collator:
         region_mask = (torch.arange(slots) < torch.tensor(counts)[:, None] + 1).long()
         maskable_regions = region_mask.bool()
         maskable_regions[:, 0] = False  # never the IMG token
-        feature_targets = features.clone() if self.visual_target != VISUAL_TARGET_KL else None
+        feature_targets = None if kl else features.clone()
         masked_regions = mask_regions(features, maskable_regions, self.generator)
-        kl = self.visual_target == VISUAL_TARGET_KL
         return Batch(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids), attention_mask=attention_mask,
                      region_features=features, region_locations=locations, region_mask=region_mask,
                      masked_lm_labels=mlm_labels, masked_regions=masked_regions,
                      alignment_labels=torch.tensor([s["alignment_label"] for s in samples]),
-                     num_classes=self.num_classes, class_index=class_index if kl else None,
-                     class_prob=class_prob if kl else None, feature_targets=feature_targets,
+                     num_classes=self.num_classes, class_index=class_index, class_prob=class_prob,
+                     feature_targets=feature_targets,
                      keys=[s["key"] for s in samples])

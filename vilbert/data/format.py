@@ -233,3 +233,26 @@ def _parse_tar_header(header: bytes) -> tuple[str, int, bytes]:
     size_field = header[124:136]
     size = int.from_bytes(size_field[1:], "big") if size_field[0] & 0x80 else int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
     return (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape"), size, header[156:157]
+
+
+UNREADABLE = "unreadable shard"
+
+
+def read_checked_samples(url: str, feature_dim: int | None = None):
+    """Yield (key, sample, problem) for every sample of a shard: the decoded, valid sample
+    and None, or None and why the sample is bad. A truncated or corrupt tar ends the shard
+    with one last problem, keyed `after <last key>`, that starts with UNREADABLE."""
+    import tarfile
+
+    key = "(start of shard)"
+    try:
+        for key, data in read_shard(url):
+            try:
+                sample = decode_sample(data)
+                validate_sample(sample, feature_dim)
+            except BadSample as e:
+                yield key, None, str(e)
+                continue
+            yield key, sample, None
+    except (tarfile.TarError, OSError, EOFError) as e:
+        yield f"after {key}", None, f"{UNREADABLE} ({type(e).__name__}: {e})"

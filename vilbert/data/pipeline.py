@@ -17,7 +17,6 @@ from __future__ import annotations
 import glob
 import logging
 import random
-import tarfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vilbert.config import VISUAL_TARGET_KL
 from vilbert.data.collate import Collator
-from vilbert.data.format import INDEX_NAME, BadSample, ShardIndex, decode_sample, read_shard, validate_sample
+from vilbert.data.format import INDEX_NAME, ShardIndex, read_checked_samples
 from vilbert.data.tokenizer import CaptionTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -117,19 +116,12 @@ class ShardStream(IterableDataset):
 
     def _samples(self, rng: random.Random, guard: BadSampleGuard):
         for url in self._shard_urls(rng):
-            key = "(start of shard)"
-            try:
-                for key, data in read_shard(url):
-                    try:
-                        sample = decode_sample(data)
-                        validate_sample(sample, self.feature_dim)
-                    except BadSample as e:
-                        guard.record(url, key, str(e))
-                        continue
-                    guard.good()
-                    yield sample
-            except (tarfile.TarError, OSError, EOFError) as e:  # truncated or corrupt tar: next shard
-                guard.record(url, f"after {key}", f"unreadable shard ({type(e).__name__}: {e})")
+            for key, sample, problem in read_checked_samples(url, self.feature_dim):
+                if problem is not None:
+                    guard.record(url, key, problem)
+                    continue
+                guard.good()
+                yield sample
 
     def _shuffled(self, samples, rng: random.Random):
         buffer = []
