@@ -9,8 +9,10 @@ and jittered boxes around every object plus background boxes. Each region gets
 - a detector-like class distribution over background + the classes (noisy, confident on
   tight boxes, unsure on loose ones);
 
-and the scene is described by 3-5 captions naming objects, colours, sizes, counts and
-spatial relations. The scene itself travels in the sample's `meta` (objects with their
+Every scene has a setting (a park, a kitchen, a beach, snow) that is the background of all
+its regions, so it shows in the image as a whole (and in the IMG token, the mean of the
+regions) the way a real scene's context does. The scene is described by 3-5 captions
+naming objects, colours, sizes, counts and spatial relations, each ending with the setting. The scene itself travels in the sample's `meta` (objects with their
 attributes, boxes and regions), so that questions, referring expressions and retrieval
 sets can be derived from the same images later.
 
@@ -35,6 +37,7 @@ CLASSES = ["dog", "cat", "horse", "cow", "sheep", "bird", "car", "bus", "truck",
            "balloon", "boot"]
 COLOURS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray"]
 SIZES = ["small", "large"]
+SETTINGS = ["in a park", "in a kitchen", "on a beach", "in the snow"]
 BACKGROUND = "background"  # class 0 of the detector, as in the Visual Genome detector's 1601 classes
 CLASS_NAMES = [BACKGROUND] + CLASSES
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]
@@ -62,7 +65,7 @@ class ToyWorld:
         self.class_emb = rng.normal(size=(len(CLASSES), LATENT_DIM)).astype(np.float32)
         self.colour_emb = 0.8 * rng.normal(size=(len(COLOURS), LATENT_DIM)).astype(np.float32)
         self.size_emb = 0.5 * rng.normal(size=(len(SIZES), LATENT_DIM)).astype(np.float32)
-        self.background_emb = rng.normal(size=(4, LATENT_DIM)).astype(np.float32)  # a few kinds of background
+        self.background_emb = rng.normal(size=(len(SETTINGS), LATENT_DIM)).astype(np.float32)  # one per setting
         self.lookalike = rng.permutation(len(CLASSES))  # the class the detector mistakes each class for
         self.projection = torch.from_numpy(
             (rng.normal(size=(LATENT_DIM, feature_dim)) / np.sqrt(LATENT_DIM)).astype(np.float32))
@@ -79,7 +82,8 @@ class ToyWorld:
         extent = np.where(size[:, None] == 0, rng.uniform(0.1, 0.2, (n, 2)), rng.uniform(0.3, 0.5, (n, 2)))
         extent = extent * [width, height]
         corner = rng.uniform(0, 1, (n, 2)) * ([width, height] - extent)
-        return dict(width=width, height=height, cls=rng.integers(len(CLASSES), size=n),
+        return dict(width=width, height=height, setting=int(rng.integers(len(SETTINGS))),
+                    cls=rng.integers(len(CLASSES), size=n),
                     colour=rng.integers(len(COLOURS), size=n), size=size,
                     box=np.round(np.concatenate([corner, corner + extent], 1), 1).astype(np.float32))
 
@@ -110,7 +114,7 @@ class ToyWorld:
         content = np.zeros((len(owner), LATENT_DIM), np.float32)
         content[owner >= 0] = (self.class_emb[scene["cls"][objects]] + self.colour_emb[scene["colour"][objects]]
                                + self.size_emb[scene["size"][objects]])
-        background = self.background_emb[rng.integers(len(self.background_emb), size=len(owner))]
+        background = self.background_emb[scene["setting"]]
         noise = rng.normal(scale=self.noise, size=content.shape).astype(np.float32)
         return coverage[:, None] * content + (1 - coverage[:, None]) * background + noise
 
@@ -135,24 +139,25 @@ class ToyWorld:
             return f"{SIZES[size[i]] + ' ' if with_size else ''}{COLOURS[colour[i]]} {CLASSES[cls[i]]}"
 
         def describe_one():
-            return f"a {name(rng.integers(n), True)}."
+            return f"a {name(rng.integers(n), True)}"
 
         def describe_pair():
             a, b = rng.choice(n, 2, replace=False)
-            return f"a {name(a, rng.random() < 0.5)} {relation(box[a], box[b])} a {name(b, rng.random() < 0.5)}."
+            return f"a {name(a, rng.random() < 0.5)} {relation(box[a], box[b])} a {name(b, rng.random() < 0.5)}"
 
         def count():
             counts = np.bincount(cls)
             c = int(counts.argmax()) if rng.random() < 0.7 else int(cls[rng.integers(n)])
             k = int(counts[c])
-            return f"there {'is' if k == 1 else 'are'} {NUMBERS[k]} {CLASSES[c] if k == 1 else plural(CLASSES[c])}."
+            return f"there {'is' if k == 1 else 'are'} {NUMBERS[k]} {CLASSES[c] if k == 1 else plural(CLASSES[c])}"
 
         def listing():
             words = [f"a {CLASSES[cls[i]]}" for i in rng.permutation(n)]
-            return "a picture of " + ", ".join(words[:-1]) + " and " + words[-1] + "."
+            return "a picture of " + ", ".join(words[:-1]) + " and " + words[-1]
 
         templates = (describe_one, describe_pair, count, listing)
-        return [templates[t]() for t in rng.integers(len(templates), size=int(rng.integers(3, 6)))]
+        setting = SETTINGS[scene["setting"]]
+        return [f"{templates[t]()} {setting}." for t in rng.integers(len(templates), size=int(rng.integers(3, 6)))]
 
     # --- many images ----------------------------------------------------------------
     def generate(self, start: int, count: int, chunk: int = 256):
@@ -178,7 +183,7 @@ class ToyWorld:
 
 def _readable(scene: dict, owner: np.ndarray) -> dict:
     """The scene with words instead of ids, and each object's regions, for the sample's meta."""
-    return {"objects": [dict(name=CLASSES[c], colour=COLOURS[k], size=SIZES[s], box=b,
+    return {"setting": SETTINGS[scene["setting"]], "objects": [dict(name=CLASSES[c], colour=COLOURS[k], size=SIZES[s], box=b,
                              regions=np.flatnonzero(owner == i).tolist())
                         for i, (c, k, s, b) in enumerate(zip(scene["cls"], scene["colour"], scene["size"],
                                                              scene["box"].tolist()))]}

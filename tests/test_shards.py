@@ -9,7 +9,7 @@ import pytest
 from shards.build import ShardOptions, write_shard_sets
 from shards.cli import main as shards_main
 from shards.sources import FeatureFolderSource, read_captions, select_boxes
-from shards.toyworld import CLASSES, MAX_REGIONS, MIN_REGIONS, ToyWorld, write_toyworld
+from shards.toyworld import CLASSES, MAX_REGIONS, MIN_REGIONS, SETTINGS, ToyWorld, write_toyworld
 from vilbert.data.format import ShardIndex, decode_sample, read_shard
 
 
@@ -128,6 +128,7 @@ def test_toy_world_scenes_captions_and_regions():
         names = {o["name"] for o in r["scene"]["objects"]}
         for caption in r["captions"]:
             assert any(name in caption for name in names), caption  # captions talk about the scene
+            assert caption.endswith(f" {r['scene']['setting']}."), caption
         for o in r["scene"]["objects"]:
             tight = r["boxes"][o["regions"][0]]
             assert np.allclose(tight, np.clip(o["box"], 0, None), atol=1.0)  # the first region is the object
@@ -135,6 +136,13 @@ def test_toy_world_scenes_captions_and_regions():
     detector_accuracy = np.mean([r["cls_prob"][o["regions"][0]].argmax() - 1 == CLASSES.index(o["name"])
                                  for r in records for o in r["scene"]["objects"]])
     assert 0.8 < detector_accuracy < 1.0, detector_accuracy
+    # The setting shows in the image as a whole: the mean region feature (what the IMG token
+    # starts from) of a held-out image is nearest to the mean of its own setting's images.
+    image_means = np.stack([r["features"].astype(np.float32).mean(0) for r in records])
+    settings = np.array([SETTINGS.index(r["scene"]["setting"]) for r in records])
+    centroids = np.stack([image_means[:100][settings[:100] == k].mean(0) for k in range(len(SETTINGS))])
+    nearest = np.linalg.norm(image_means[100:, None] - centroids[None], axis=-1).argmin(1)
+    assert np.mean(nearest == settings[100:]) > 0.9
 
 
 def test_check_reports_every_kind_of_bad_sample(tmp_path, corrupt_shards):

@@ -33,7 +33,7 @@ class ModelConfig:
 class EvalConfig:
     shards: str = ""  # held-out shard set; empty: no evaluation
     every_steps: int = 0  # 0: only at the end
-    max_batches: int = 50
+    max_batches: int = 50  # held-out batches, drawn once: every evaluation sees the same ones
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Held-out evaluation during pretraining: the losses, masked-LM accuracy and image-caption
-alignment accuracy on a fixed sample of held-out batches."""
+alignment accuracy on a fixed set of held-out batches."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ LOSSES = ("loss", "mlm_loss", "region_loss", "alignment_loss")
 
 
 @torch.no_grad()
-def evaluate(engine, batches, num_batches: int, dtype: torch.dtype) -> dict[str, float]:
-    """Every rank runs exactly `num_batches` forward passes (ZeRO-3 forwards are collective)."""
+def evaluate(engine, batches: list, dtype: torch.dtype) -> dict[str, float]:
+    """Every rank must pass the same number of batches (ZeRO-3 forwards are collective)."""
     engine.eval()
     sums = torch.zeros(len(LOSSES) + 5, dtype=torch.float64, device=engine.device)
-    for _ in range(num_batches):
-        batch = next(batches).to(engine.device)
+    for batch in batches:
+        batch = batch.to(engine.device)
         out = engine(**batch.model_inputs(dtype))
         labelled = batch.masked_lm_labels[batch.masked_lm_labels != IGNORE_INDEX]
         sums += torch.tensor([*(out[k].item() for k in LOSSES),

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from vilbert.train.optim import build_optimizer, warmup_linear_decay
 from vilbert.train.tracking import Tracker, git_commit
 
 log = logging.getLogger(__name__)
-EVAL_SEED_OFFSET = -1  # a fixed stream: every evaluation sees the same held-out batches
+EVAL_SEED_OFFSET = -1  # the held-out batches' stream seed, apart from every training step's
 
 
 def build_model(config: TrainConfig, feature_dim: int, num_classes: int):
@@ -121,7 +122,9 @@ def pretrain(config: TrainConfig, resume: str = "none", data_factory=None) -> di
     held_out = None
     if config.eval.shards:
         eval_data = dataclasses.replace(config.data, shards=config.eval.shards, fraction=1.0)
-        held_out = _data(eval_data, env, EVAL_SEED_OFFSET, model.config.visual_target, None)
+        # Drawn once and kept (compact, on the host): every evaluation sees the same batches.
+        held_out = list(islice(_data(eval_data, env, EVAL_SEED_OFFSET, model.config.visual_target, None),
+                               config.eval.max_batches))
 
     metrics: dict[str, float] = {}
     progress = tqdm(total=config.optim.steps, initial=state["step"], disable=not env.is_main, desc="pretraining",
@@ -158,18 +161,17 @@ def pretrain(config: TrainConfig, resume: str = "none", data_factory=None) -> di
             if ds_config.get("fp16", {}).get("enabled"):  # ZeRO and plain fp16 optimizers name it differently
                 scale = getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", None))
                 metrics["train/loss_scale"] = float(scale) if scale is not None else float("nan")
-            if held_out is not None and config.eval.every_steps and step % config.eval.every_steps == 0:
-                metrics.update(evaluate(engine, held_out, config.eval.max_batches, dtype))
-            if step % config.tracking.log_every == 0 or step == config.optim.steps:
+            evaluated = held_out is not None and (
+                step == config.optim.steps or (config.eval.every_steps and step % config.eval.every_steps == 0))
+            if evaluated:
+                metrics.update(evaluate(engine, held_out, dtype))
+            if evaluated or step % config.tracking.log_every == 0 or step == config.optim.steps:
                 tracker.log_metrics(metrics, step)
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
                                  samples_s=f"{metrics['train/samples_per_s']:.1f}")
             if step % config.checkpoint.every_steps == 0 or step == config.optim.steps:
                 checkpoint.save(engine, checkpoints, state, config.checkpoint.keep_last, env.is_main)
-        if held_out is not None:
-            metrics.update(evaluate(engine, held_out, config.eval.max_batches, dtype))
-            tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, state["step"])
         if env.is_main:
             model_dir = Path(config.output_dir) / "model"
             checkpoint.export(checkpoints, model_dir)
