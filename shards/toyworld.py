@@ -4,7 +4,7 @@ Each image is a scene of objects (classes named by English words, with a colour 
 size) in a frame. A pretend detector looks at it and proposes 10-36 regions: a tight box
 and jittered boxes around every object plus background boxes. Each region gets
 
-- a feature vector: ReLU(P (q * (e_class + e_colour + e_size) + (1 - q) * e_background + noise)),
+- a feature vector: ReLU(P (q * (e_class + e_colour + e_size) + (1 - q) * e_setting + noise)),
   where q is how much of the object the box covers; 2048-d like ResNet's pooled features;
 - a detector-like class distribution over background + the classes (noisy, confident on
   tight boxes, unsure on loose ones);
@@ -12,7 +12,8 @@ and jittered boxes around every object plus background boxes. Each region gets
 Every scene has a setting (a park, a kitchen, a beach, snow) that is the background of all
 its regions, so it shows in the image as a whole (and in the IMG token, the mean of the
 regions) the way a real scene's context does. The scene is described by 3-5 captions
-naming objects, colours, sizes, counts and spatial relations, each ending with the setting. The scene itself travels in the sample's `meta` (objects with their
+naming objects, colours, sizes, counts and spatial relations, each ending with the
+setting. The scene itself travels in the sample's `meta` (setting, objects with their
 attributes, boxes and regions), so that questions, referring expressions and retrieval
 sets can be derived from the same images later.
 
@@ -183,10 +184,10 @@ class ToyWorld:
 
 def _readable(scene: dict, owner: np.ndarray) -> dict:
     """The scene with words instead of ids, and each object's regions, for the sample's meta."""
-    return {"setting": SETTINGS[scene["setting"]], "objects": [dict(name=CLASSES[c], colour=COLOURS[k], size=SIZES[s], box=b,
-                             regions=np.flatnonzero(owner == i).tolist())
-                        for i, (c, k, s, b) in enumerate(zip(scene["cls"], scene["colour"], scene["size"],
-                                                             scene["box"].tolist()))]}
+    attributes = zip(scene["cls"], scene["colour"], scene["size"], scene["box"].tolist())
+    objects = [dict(name=CLASSES[c], colour=COLOURS[k], size=SIZES[s], box=b,
+                    regions=np.flatnonzero(owner == i).tolist()) for i, (c, k, s, b) in enumerate(attributes)]
+    return {"setting": SETTINGS[scene["setting"]], "objects": objects}
 
 
 # --- writing shard sets ---------------------------------------------------------------
