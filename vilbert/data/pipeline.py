@@ -152,7 +152,7 @@ class ShardStream(IterableDataset):
             yield sample
 
     def __iter__(self):
-        worker, workers = self._worker()
+        worker, _ = self._worker()
         seed = hash((self.config.seed, self.seed_offset, self.rank, worker)) & 0x7FFFFFFF
         rng = random.Random(seed)
         self.collator.reseed(seed)

@@ -104,9 +104,9 @@ def _build(cls, values: dict, where: str):
     if unknown:
         raise ValueError(f"unknown config key(s) {sorted(f'{where}{k}' for k in unknown)}; "
                          f"{where or 'top level'} takes {sorted(known)}")
-    kwargs = {}
+    defaults, kwargs = cls(), {}
     for name, value in values.items():
-        default = getattr(cls(), name) if name in known else None
+        default = getattr(defaults, name)
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value or {}, f"{where}{name}.")
         elif isinstance(default, tuple):

@@ -79,7 +79,6 @@ class Tracker:
         if self._mlflow is not None:
             log.info("MLflow run in %s, experiment %r", self.uri, self.config.experiment)
 
-
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
