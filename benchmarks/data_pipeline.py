@@ -115,7 +115,8 @@ def kl_fidelity(topk_values=(16, 32, 64, 128, CLASSES), regions: int = 2000) -> 
         exact = masked_region_kl_loss(predicted[None], target[None], masked)
         for k in topk_values:
             index, prob = compact_class_distribution(target.numpy(), k)
-            index = torch.arange(CLASSES).expand(regions, -1) if index is None else torch.from_numpy(index.astype(np.int64))
+            index = (torch.arange(CLASSES).expand(regions, -1) if index is None
+                     else torch.from_numpy(index.astype(np.int64)))
             approx = expand_class_distribution(index, torch.from_numpy(prob), CLASSES)
             tail = 1 - prob.astype(np.float32).sum(1).mean()
             tv = 0.5 * (approx - target).abs().sum(-1).mean()

@@ -43,7 +43,7 @@ class TsvSource:
 
     def load(self, image_id: str) -> dict:
         path, offset = self.offsets[image_id]
-        with open(path, "r", newline="") as f:
+        with open(path, newline="") as f:
             f.seek(offset)
             row = next(csv.reader([f.readline()], delimiter="\t"))
         fields = dict(zip(TSV_FIELDS, row))

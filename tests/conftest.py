@@ -9,6 +9,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory):
+    """A small toy world (600 training, 100 held-out images, 32-d features)."""
+    from shards.toyworld import write_toyworld
+
+    out = tmp_path_factory.mktemp("toy")
+    write_toyworld(out, 600, 100, feature_dim=32)
+    return out
+
+
 @pytest.fixture
 def tiny_config():
     return ViLBERTConfig.from_preset("tiny")

@@ -1,10 +1,34 @@
 """Helpers shared by the tests."""
 
 import functools
+import os
+from pathlib import Path
 
 import torch
+import yaml
 
 from vilbert import ViLBERTConfig
+
+ROOT = Path(__file__).parent.parent
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}  # for the training subprocesses
+
+
+def train_config(tmp_path, toy_world, **sections) -> Path:
+    """A training YAML for the tiny model on the toy world (8 steps, checkpoints every 3),
+    logging to an MLflow store in tmp_path; `sections` update the config's sections."""
+    config = {"output_dir": str(tmp_path / "run"), "deepspeed": str(ROOT / "deepspeed_configs/zero1_fp32.json"),
+              "model": {"preset": "tiny", "overrides": {"vocab_size": 30522}},
+              "data": {"shards": str(toy_world / "train"), "batch_size": 8, "workers": 0, "shuffle_buffer": 50},
+              "eval": {"shards": str(toy_world / "val"), "max_batches": 2},
+              "optim": {"steps": 8, "global_batch_size": 8, "lr": 1e-3},
+              "checkpoint": {"every_steps": 3, "keep_last": 5},
+              "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test", "log_every": 1,
+                           "system_metrics": False}}
+    for key, value in sections.items():
+        config[key] = {**config[key], **value}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def make_inputs(config: ViLBERTConfig, batch=3, tokens=9, regions=6, generator_seed=0):

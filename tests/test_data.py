@@ -67,7 +67,8 @@ def _synthetic_samples(count, rng):
         samples.append(dict(key=str(i), image_id=str(i), caption="a man riding a wave on top of a surfboard",
                             alignment_label=0, image_w=200, image_h=150,
                             features=rng.normal(size=(n, 4)).astype(np.float16),
-                            boxes=np.concatenate([xy, xy + 30], 1), cls_index=np.tile(np.array([0, 1], np.uint16), (n, 1)),
+                            boxes=np.concatenate([xy, xy + 30], 1),
+                            cls_index=np.tile(np.array([0, 1], np.uint16), (n, 1)),
                             cls_prob=np.full((n, 2), 0.5, np.float16)))
     return samples
 

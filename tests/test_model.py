@@ -4,8 +4,14 @@ import pytest
 import torch
 
 from helpers import make_inputs
-from vilbert import (PRESETS, SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks,
-                     ViLBERTModel)
+from vilbert import (
+    PRESETS,
+    SingleStreamForPretraining,
+    ViLBERTConfig,
+    ViLBERTForPretraining,
+    ViLBERTForTasks,
+    ViLBERTModel,
+)
 from vilbert.modeling import layer_norm as layer_norm_module
 from vilbert.modeling.encoder import schedule
 

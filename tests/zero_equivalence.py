@@ -10,7 +10,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import synthetic_batch  # noqa: E402
-
 from vilbert import ViLBERTForPretraining  # noqa: E402
 from vilbert.train import load_config, pretrain  # noqa: E402
 

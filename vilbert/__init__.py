@@ -1,8 +1,13 @@
 """ViLBERT: two-stream vision-and-language BERT, pretraining and fine-tuning at scale."""
 
 from vilbert.config import PRESETS, ViLBERTConfig
-from vilbert.modeling import (SingleStreamForPretraining, SingleStreamModel, ViLBERTForPretraining,
-                              ViLBERTForTasks, ViLBERTModel)
+from vilbert.modeling import (
+    SingleStreamForPretraining,
+    SingleStreamModel,
+    ViLBERTForPretraining,
+    ViLBERTForTasks,
+    ViLBERTModel,
+)
 
 __all__ = ["ViLBERTConfig", "PRESETS", "ViLBERTModel", "ViLBERTForPretraining", "ViLBERTForTasks",
            "SingleStreamModel", "SingleStreamForPretraining"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 
 def _convert_official(args: argparse.Namespace) -> int:
@@ -17,19 +19,16 @@ def _convert_official(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    import json
     import os
-    from pathlib import Path
 
     from vilbert.train import load_config, pretrain
-    from vilbert.train.tracking import default_uri
+    from vilbert.train.tracking import default_uri, read_metrics
 
     config = load_config(args.config, args.overrides)
-    metrics = pretrain(config, resume=args.resume)
+    metrics = pretrain(config, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":
         return 0
-    logged = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    losses = [m["train/loss"] for m in logged if "train/loss" in m]
+    losses = [m["train/loss"] for m in read_metrics(config.output_dir) if "train/loss" in m]
     print(f"\ntrain loss: {sum(losses[:3]) / len(losses[:3]):.3f} over the first logged steps -> "
           f"{sum(losses[-3:]) / len(losses[-3:]):.3f} over the last")
     if "val/alignment_accuracy" in metrics:
@@ -40,6 +39,14 @@ def _pretrain(args: argparse.Namespace) -> int:
         uri = config.tracking.uri or default_uri(config.output_dir)
         print(f"MLflow run {metrics['mlflow_run_id']}; open the UI with:\n    mlflow ui --backend-store-uri {uri}")
     return 0
+
+
+def _check_pretrain(args: argparse.Namespace) -> None:
+    """What can be checked before a job waits in a queue: the config, and the output directory."""
+    from vilbert.train import load_config
+    from vilbert.train.run_dir import plan
+
+    plan(load_config(args.config, args.overrides), args.resume, args.overwrite)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -75,9 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "zero3_bf16.json. The resolved config is saved beside the checkpoints.")
     pretrain.add_argument("--config", help="training YAML (see configs/)")
     pretrain.add_argument("--resume", default="none",
-                          help="'auto': continue from the newest complete checkpoint; a tag; or 'none'")
+                          help="'auto': continue the output directory's run from its newest complete checkpoint "
+                               "(its metrics and MLflow run too); a tag (stepNNNNNNNN); or 'none' (default), which "
+                               "refuses a directory that already holds a run")
+    pretrain.add_argument("--overwrite", action="store_true",
+                          help="delete the run held in the output directory (checkpoints, metrics, exported model) "
+                               "and start again")
     pretrain.add_argument("overrides", nargs="*", metavar="key=value")
-    pretrain.set_defaults(run=_pretrain)
+    pretrain.set_defaults(run=_pretrain, check=_check_pretrain, launchable=True)
 
     export = commands.add_parser("export", help="write a checkpoint as a save_pretrained model (fp32)",
                                  description="Turn a DeepSpeed checkpoint directory (any ZeRO stage) into a "
@@ -89,10 +101,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass(frozen=True)
+class LaunchableCommand:
+    parser: argparse.ArgumentParser
+    check: Callable[[argparse.Namespace], None] | None  # raises before submission what would fail in the job
+    resumable: bool  # takes --resume: a requeued job continues with --resume auto
+
+
+def launchable_commands() -> dict[str, LaunchableCommand]:
+    """The subcommands that train or evaluate (`launchable=True`), which `launch/slurm.py` runs."""
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return {name: LaunchableCommand(sub, sub.get_default("check"), "--resume" in sub._option_string_actions)
+            for name, sub in subcommands.items() if sub.get_default("launchable")}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 1 error, 2 bad arguments or a run already in the output
+    directory, 128 + N stopped by signal N after writing a checkpoint (143: SIGTERM)."""
+    from vilbert.train.interrupt import TrainingInterrupted
+    from vilbert.train.run_dir import RunExists
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except RunExists as e:
+        print(f"vilbert {args.command}: {e}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as e:
+        print(f"vilbert {args.command}: {e}", file=sys.stderr)
+        return e.exit_status
 
 
 if __name__ == "__main__":

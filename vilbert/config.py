@@ -136,14 +136,14 @@ class ViLBERTConfig(PretrainedConfig):
         return len(self.t_biattention_id)
 
     @classmethod
-    def from_official_json(cls, path: str | Path, **overrides) -> "ViLBERTConfig":
+    def from_official_json(cls, path: str | Path, **overrides) -> ViLBERTConfig:
         """Read an official ViLBERT config (e.g. `bert_base_6layer_6conect.json`)."""
         fields = json.loads(Path(path).read_text())
         fields.pop("vocab_size_or_config_json_file", None)
         return cls(**{**fields, **overrides})
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "ViLBERTConfig":
+    def from_preset(cls, name: str, **overrides) -> ViLBERTConfig:
         if name not in PRESETS:
             raise KeyError(f"unknown ViLBERT preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})

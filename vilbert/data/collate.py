@@ -48,7 +48,7 @@ class Batch:
     feature_targets: torch.Tensor | None = None  # [B, R, F] unmasked features (regression / NCE)
     keys: list[str] = field(default_factory=list)
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return Batch(**{name: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                         for name, v in values.items()})

@@ -153,7 +153,7 @@ class ShardIndex:
         return path
 
     @classmethod
-    def read(cls, path: str | Path) -> "ShardIndex":
+    def read(cls, path: str | Path) -> ShardIndex:
         path = Path(path)
         if path.is_dir():
             path = path / INDEX_NAME
@@ -231,7 +231,8 @@ def _parse_tar_header(header: bytes) -> tuple[str, int, bytes]:
     name = header[:100].split(b"\0", 1)[0]
     prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\x00" else b""
     size_field = header[124:136]
-    size = int.from_bytes(size_field[1:], "big") if size_field[0] & 0x80 else int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+    size = (int.from_bytes(size_field[1:], "big") if size_field[0] & 0x80
+            else int(size_field.split(b"\0", 1)[0].strip() or b"0", 8))
     return (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape"), size, header[156:157]
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import logging
 import random
+import signal
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,5 +181,13 @@ def build_loader(config: DataConfig, *, train: bool, rank: int = 0, world_size: 
     stream = ShardStream(urls, collator, config, train=train, rank=rank, world_size=world_size,
                          seed_offset=seed_offset, feature_dim=index.feature_dim)
     loader = DataLoader(stream, batch_size=None, num_workers=config.workers, persistent_workers=False,
-                        prefetch_factor=4 if config.workers else None)
+                        prefetch_factor=4 if config.workers else None, worker_init_fn=_leave_stop_signals_to_trainer)
     return loader, index
+
+
+def _leave_stop_signals_to_trainer(worker_id: int) -> None:
+    """SLURM and a terminal's Ctrl-C signal every process of a job, workers included. A worker
+    killed by SIGTERM would crash the step in which the trainer is stopping cleanly, so
+    workers ignore it; they still exit when the trainer shuts them down or dies."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)

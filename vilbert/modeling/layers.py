@@ -61,7 +61,8 @@ def build_layer(config: ViLBERTConfig, stream: str, context_stream: str | None =
     own = _stream_dims(config, stream)
     common = dict(eps=config.layer_norm_eps, fused_layer_norm=config.use_fused_layer_norm)
     if context_stream is None:
-        context_dim, attention_dim, heads, attention_dropout = own["dim"], own["dim"], own["heads"], own["attention_dropout"]
+        context_dim, attention_dim = own["dim"], own["dim"]
+        heads, attention_dropout = own["heads"], own["attention_dropout"]
     else:
         other = _stream_dims(config, context_stream)
         context_dim, attention_dim = other["dim"], config.bi_hidden_size

@@ -4,7 +4,8 @@ retention, resume, and export to a `save_pretrained` model.
 A save is complete only once every rank has written its shard and rank 0 has written
 `<tag>/COMPLETE`; only then does `latest` move (write to a temporary file, then rename). A
 crash mid-save therefore leaves `latest` on the previous complete checkpoint, and
-`--resume auto` ignores tags without the marker.
+`--resume auto` ignores tags without the marker. Tags are ordered by their step number
+everywhere, and `latest` always names the checkpoint just completed, which retention keeps.
 """
 
 from __future__ import annotations
@@ -27,35 +28,54 @@ MODEL_CLASS = "model_class.txt"
 CLIENT_KEY = "vilbert"  # our training state inside DeepSpeed's client state: step, samples seen, data seed
 
 
+TAG_PREFIX = "step"
+
+
 def tag_for(step: int) -> str:
-    return f"step{step:08d}"
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def tag_step(tag: str) -> int:
+    if not tag.startswith(TAG_PREFIX) or not tag[len(TAG_PREFIX):].isdigit():
+        raise ValueError(f"{tag!r} is not a checkpoint tag ({tag_for(1200)} is the checkpoint of step 1200)")
+    return int(tag[len(TAG_PREFIX):])
 
 
 def complete_tags(directory: str | Path) -> list[str]:
+    """The complete checkpoints, oldest step first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(p.name for p in directory.iterdir() if (p / MARKER).exists())
+    tags = [p.name for p in directory.iterdir() if p.name.startswith(TAG_PREFIX) and (p / MARKER).exists()]
+    return sorted(tags, key=tag_step)
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def point_latest(directory: Path, tag: str) -> None:
+    temporary = directory / f".{LATEST}.tmp"
+    temporary.write_text(tag)
+    os.replace(temporary, directory / LATEST)
 
 
 def save(engine, directory: str | Path, state: dict, keep_last: int, is_main: bool) -> str:
     """Collective: every rank must call it."""
     directory, tag = Path(directory), tag_for(state["step"])
+    if is_main and (directory / tag).exists():  # a stale save of this step (an interrupted attempt)
+        shutil.rmtree(directory / tag)
+    barrier()
     engine.save_checkpoint(str(directory), tag=tag, client_state={CLIENT_KEY: state}, save_latest=False)
-    _barrier()
+    barrier()
     if is_main:
         (directory / tag / MARKER).write_text(json.dumps(state))
-        temporary = directory / f".{LATEST}.tmp"
-        temporary.write_text(tag)
-        os.replace(temporary, directory / LATEST)
-        for old in complete_tags(directory)[:-keep_last] if keep_last > 0 else []:
+        point_latest(directory, tag)
+        older = [t for t in complete_tags(directory) if tag_step(t) < state["step"]]
+        for old in older[:max(0, len(older) - (keep_last - 1))] if keep_last > 0 else []:
             shutil.rmtree(directory / old, ignore_errors=True)
-    _barrier()
+    barrier()
     return tag
 
 

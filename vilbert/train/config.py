@@ -62,6 +62,7 @@ class TrackingConfig:
     run_name: str = ""  # default: the output directory's name
     log_every: int = 10
     system_metrics: bool = True
+    new_run: bool = False  # a resumed run continues its MLflow run; true: start a new one
 
 
 @dataclass

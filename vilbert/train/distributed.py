@@ -1,11 +1,14 @@
 """Process-group setup that works under every launcher.
 
-`deepspeed`, `torchrun` and our SLURM front-end all end up here; they differ only in which
-environment variables say who is who:
+`python`, `torchrun`, `deepspeed`, `srun` and our SLURM front-end (submitit) all end up
+here; they differ only in which environment variables say who is who:
 
-- deepspeed launcher / torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
-- SLURM (srun, submitit): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, and the first host
-  of SLURM_JOB_NODELIST as the rendezvous;
+- torchrun and the deepspeed launcher: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+  (told apart by TORCHELASTIC_RUN_ID and deepspeed's CROSS_RANK);
+- submitit (`launch/slurm.py`): the same variables, exported in each task from SLURM's by
+  `submitit.helpers.TorchDistributedEnvironment`; SUBMITIT_EXECUTOR names the cluster;
+- srun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, and the first host of SLURM_JOB_NODELIST
+  as the rendezvous;
 - plain `python`: one process; we set the variables ourselves, so DeepSpeed never falls
   back to mpi4py discovery.
 """
@@ -49,7 +52,7 @@ def discover() -> DistEnv:
     """Fill in the torch.distributed rendezvous variables from whichever launcher ran us."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        launcher = "deepspeed/torchrun"
+        launcher = launcher_name(env)
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         launcher = "slurm"
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
@@ -66,6 +69,28 @@ def discover() -> DistEnv:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
     return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), launcher)
+
+
+def launcher_name(env) -> str:
+    """Which launcher set RANK and WORLD_SIZE."""
+    if env.get("SUBMITIT_EXECUTOR"):
+        return f"submitit-{env['SUBMITIT_EXECUTOR']}"
+    if "TORCHELASTIC_RUN_ID" in env:
+        return "torchrun"
+    if "CROSS_RANK" in env:
+        return "deepspeed"
+    return "env"  # RANK/WORLD_SIZE set by something else
+
+
+def slurm_job() -> dict | None:
+    """The SLURM job this process runs in: id, node list, how often it was requeued."""
+    env = os.environ
+    if "SLURM_JOB_ID" not in env:
+        return None
+    job_id = (f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if "SLURM_ARRAY_TASK_ID" in env
+              else env["SLURM_JOB_ID"])
+    return {"job_id": job_id, "nodelist": env.get("SLURM_JOB_NODELIST", ""),
+            "restarts": int(env.get("SLURM_RESTART_COUNT", "0") or 0)}
 
 
 def select_accelerator() -> str:

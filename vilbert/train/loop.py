@@ -1,9 +1,12 @@
 """Pretraining: DeepSpeed engine, the loop, checkpoints and tracking.
 
+    decide how this start relates to the output directory (fresh, resume, overwrite)
     for each optimizer step:
+        stop here (checkpoint, exit) if any rank was signalled
         for each micro batch (gradient accumulation):
             batch = next(data); out = model(batch); engine.backward(out.loss); engine.step()
-        log metrics (rank 0); checkpoint every N steps (all ranks); evaluate every M steps
+        log metrics (rank 0); evaluate every M steps
+        checkpoint every N steps (all ranks), then hand the covered metrics to MLflow
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from vilbert.train import checkpoint
+from vilbert.train import checkpoint, run_dir
 from vilbert.train.config import TrainConfig, deepspeed_config
-from vilbert.train.distributed import init_distributed
+from vilbert.train.distributed import init_distributed, slurm_job
 from vilbert.train.evaluate import evaluate
-from vilbert.train.optim import build_optimizer, warmup_linear_decay
+from vilbert.train.interrupt import TrainingInterrupted, stop_request
+from vilbert.train.optim import build_optimizer, retarget_schedule, warmup_linear_decay
 from vilbert.train.tracking import Tracker, git_commit
 
 log = logging.getLogger(__name__)
@@ -80,24 +84,44 @@ def _data(data_config, env, seed_offset: int, visual_target: int, data_factory):
     return iter(loader)
 
 
-def pretrain(config: TrainConfig, resume: str = "none", data_factory=None) -> dict[str, float]:
+def _control_group(device_type: str):
+    """A gloo group for the stop flag, so that agreeing on it never waits on a GPU stream."""
+    if device_type == "cpu" or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def pretrain(config: TrainConfig, resume: str = "none", overwrite: bool = False,
+             data_factory=None) -> dict[str, float]:
     """Run (or continue) pretraining; returns the last logged and held-out metrics.
+    Raises `RunExists` for an output directory that holds a run (unless `resume` or
+    `overwrite`) and `TrainingInterrupted` after a signalled stop and its checkpoint.
     `data_factory(rank, world_size, seed_offset) -> iterator of Batch` replaces the shard
     pipeline (tests use it to feed identical batches to different world sizes)."""
+    with stop_request.installed():  # from the start: a signal during set-up stops before the first step
+        return _pretrain(config, resume, overwrite, data_factory)
+
+
+def _pretrain(config: TrainConfig, resume: str, overwrite: bool, data_factory) -> dict[str, float]:
     env, device_type = init_distributed()
     import deepspeed
 
     from vilbert.data import ShardIndex
 
+    start = run_dir.plan(config, resume, overwrite)  # every rank reads, ...
+    if env.is_main:
+        run_dir.prepare(config, start, overwrite)  # ... rank 0 writes
+    checkpoint.barrier()
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     index = ShardIndex.read(config.data.shards) if data_factory is None else None
     model = build_model(config, *(index.feature_dim, index.num_classes) if index else
                         (config.model.overrides["v_feature_size"], config.model.overrides["v_target_size"]))
     ds_config = deepspeed_config(config, env.world_size)
     optimizer = build_optimizer(model, config.optim)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           lr_scheduler=warmup_linear_decay(optimizer, config.optim))
+    scheduler = warmup_linear_decay(optimizer, config.optim)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, lr_scheduler=scheduler)
     dtype, accumulation = _float_dtype(ds_config), engine.gradient_accumulation_steps()
+    control = _control_group(device_type)
 
     checkpoints = config.checkpoint_dir
     if env.is_main:
@@ -107,17 +131,19 @@ def pretrain(config: TrainConfig, resume: str = "none", data_factory=None) -> di
         model.config.to_json_file(checkpoints / checkpoint.MODEL_CONFIG)
         (checkpoints / checkpoint.MODEL_CLASS).write_text(type(model).__name__)
     state = {"step": 0, "samples": 0, "data_seed": config.data.seed}
-    tag = checkpoint.resume_tag(checkpoints, resume)
-    if tag is not None:
-        state = checkpoint.load(engine, checkpoints, tag)
-        log.info("resumed from %s/%s at step %d", checkpoints, tag, state["step"])
+    if start.tag is not None:
+        state = checkpoint.load(engine, checkpoints, start.tag)
+        retarget_schedule(scheduler, config.optim.steps, state["step"])
+        log.info("resumed from %s/%s at step %d", checkpoints, start.tag, state["step"])
 
     tracker = Tracker(config.tracking, config.output_dir, enabled=env.is_main)
     tracker.start({**config.flat(), **{f"deepspeed.{k}": v for k, v in ds_config.items()},
                    "world_size": env.world_size, "launcher": env.launcher, "device": device_type,
-                   "git_commit": git_commit(), "resumed_from": tag or "",
+                   "git_commit": git_commit(), "resumed_from": start.tag or "",
                    "parameters": sum(p.numel() for p in model.parameters())},
-                  run_name=config.tracking.run_name or Path(config.output_dir).name)
+                  run_name=config.tracking.run_name or Path(config.output_dir).name,
+                  resumed_step=state["step"] if start.resumed else None,
+                  new_run=config.tracking.new_run or start.branched, slurm_job=slurm_job())
     batches = _data(config.data, env, state["step"], model.config.visual_target, data_factory)
     held_out = None
     if config.eval.shards:
@@ -126,12 +152,21 @@ def pretrain(config: TrainConfig, resume: str = "none", data_factory=None) -> di
         held_out = list(islice(_data(eval_data, env, EVAL_SEED_OFFSET, model.config.visual_target, None),
                                config.eval.max_batches))
 
+    def save() -> None:
+        checkpoint.save(engine, checkpoints, state, config.checkpoint.keep_last, env.is_main)
+        tracker.commit()
+
     metrics: dict[str, float] = {}
+    saved_step = state["step"]
     progress = tqdm(total=config.optim.steps, initial=state["step"], disable=not env.is_main, desc="pretraining",
                     unit="step", dynamic_ncols=True)
     status = "FAILED"
     try:
         while state["step"] < config.optim.steps:
+            if stop_request.agreed(control):
+                if state["step"] > saved_step:
+                    save()
+                raise TrainingInterrupted(stop_request.reason, stop_request.signum, state["step"])
             started, waited, sums, tokens = time.perf_counter(), 0.0, defaultdict(float), 0
             for _ in range(accumulation):
                 fetch = time.perf_counter()
@@ -171,13 +206,17 @@ def pretrain(config: TrainConfig, resume: str = "none", data_factory=None) -> di
             progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
                                  samples_s=f"{metrics['train/samples_per_s']:.1f}")
             if step % config.checkpoint.every_steps == 0 or step == config.optim.steps:
-                checkpoint.save(engine, checkpoints, state, config.checkpoint.keep_last, env.is_main)
+                save()
+                saved_step = step
         if env.is_main:
             model_dir = Path(config.output_dir) / "model"
             checkpoint.export(checkpoints, model_dir)
             tracker.log_artifacts(Path(config.output_dir) / "config.yaml")
             tracker.log_artifacts(model_dir, "model")
         status = "FINISHED"
+    except TrainingInterrupted:
+        status = "KILLED"
+        raise
     finally:
         progress.close()
         tracker.finish(status)

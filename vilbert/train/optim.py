@@ -11,7 +11,7 @@ from vilbert.train.config import OptimConfig
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if not param.requires_grad:
             continue
         # 1-d tensors are biases and LayerNorm weights; embeddings and matrices decay.
@@ -32,12 +32,43 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
 
 
+class WarmupLinearDecay:
+    """The lr factor at a step: linear warmup to 1 over `warmup` steps, then linear decay to 0
+    at `total`. A callable object rather than a closure, so that LambdaLR saves its fields in
+    the checkpoint and a resumed run continues the exact schedule it was started with.
+
+    A resume with a different `optim.steps` calls `retarget`: the decay then runs from the
+    factor reached at the resumed step to 0 at the new total, so the lr never jumps; a run
+    resumed inside its warmup finishes the warmup first, if the new total leaves room for it."""
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = warmup, total
+        self.anchor_step, self.anchor_factor = warmup, 1.0  # where the decay starts, and from what
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return max(0.0, self.anchor_factor * (self.total - step) / max(1, self.total - self.anchor_step))
+
+    def retarget(self, total: int, step: int) -> None:
+        if total == self.total or step >= total:
+            return
+        factor = self(step)
+        if step >= self.warmup and factor == 0.0:
+            raise ValueError(f"the lr schedule already decayed to 0 at step {step} (optim.steps was {self.total}); "
+                             f"optim.steps={total} would train on at lr 0: start a new run instead")
+        if step >= self.warmup or total <= self.warmup:  # decay from here (a warmup outlasting the run ends now)
+            self.warmup = min(self.warmup, step)
+            self.anchor_step, self.anchor_factor = step, factor
+        self.total = total
+
+
 def warmup_linear_decay(optimizer: torch.optim.Optimizer, config: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = max(1, round(config.warmup_fraction * config.steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinearDecay(warmup, config.steps))
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (config.steps - step) / max(1, config.steps - warmup))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def retarget_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, total: int, step: int) -> None:
+    """After loading a checkpoint: fit its schedule to `total` steps (see WarmupLinearDecay)."""
+    for schedule in {id(s): s for s in scheduler.lr_lambdas}.values():
+        schedule.retarget(total, step)

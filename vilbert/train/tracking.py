@@ -1,5 +1,12 @@
 """Experiment tracking: MLflow on global rank 0, and a local metrics.jsonl that always works.
 
+One training is one MLflow run, whatever happens to it: the run id is kept in
+`<output_dir>/tracking.json`, and a resumed run (`--resume auto`, a requeued SLURM job)
+continues it. MLflow receives a step's metrics once the checkpoint that covers the step is
+complete (`commit`, called after each save), so a resume never logs a step twice: the steps
+redone after an interruption are the first to reach MLflow. `metrics.jsonl` is live, and
+a resume cuts it back to the resumed step.
+
 The default store is an embedded SQLite file (nothing to start); MLFLOW_TRACKING_URI or
 `tracking.uri` point elsewhere. If MLflow fails (down at start, or mid-run), training goes
 on: the tracker warns once, stops calling MLflow, and every metric is still in
@@ -12,11 +19,16 @@ import json
 import logging
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from vilbert.train.config import TrackingConfig
 
 log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "tracking.json"  # {"run_id", "uri", "experiment", "slurm_jobs": {job id: restarts}}
+MLFLOW_BATCH = 1000  # metrics per log_batch call (MLflow's limit)
 
 
 def default_uri(output_dir: str | Path) -> str:
@@ -31,6 +43,19 @@ def git_commit() -> str:
         return "unknown"
 
 
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _cut_metrics(output_dir: Path, last_step: int) -> None:
+    """Keep the steps up to `last_step`: the later ones are redone by the resumed run."""
+    kept = [m for m in read_metrics(output_dir) if m["step"] <= last_step]
+    temporary = output_dir / f".{METRICS_FILE}.tmp"
+    temporary.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    os.replace(temporary, output_dir / METRICS_FILE)
+
+
 class Tracker:
     def __init__(self, config: TrackingConfig, output_dir: str | Path, enabled: bool):
         self.config, self.enabled = config, enabled
@@ -38,10 +63,8 @@ class Tracker:
         self.uri = config.uri or default_uri(output_dir)
         self._mlflow = None
         self._jsonl = None
+        self._pending: list[tuple[int, int, dict[str, float]]] = []  # (step, time in ms, metrics) not yet in MLflow
         self.run_id = ""
-        if enabled:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.output_dir / "metrics.jsonl", "a")
 
     def _call(self, what: str, fn, *args, **kwargs):
         if self._mlflow is None:
@@ -50,12 +73,30 @@ class Tracker:
             return fn(*args, **kwargs)
         except Exception as e:  # a tracking failure must never stop training
             log.warning("MLflow %s failed (%s: %s); training goes on, metrics still go to %s", what,
-                        type(e).__name__, e, self.output_dir / "metrics.jsonl")
+                        type(e).__name__, e, self.output_dir / METRICS_FILE)
             self._mlflow = None
             return None
 
-    def start(self, params: dict, run_name: str) -> None:
-        if not self.enabled or not self.config.enabled:
+    def _state(self) -> dict:
+        path = self.output_dir / STATE_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _write_state(self, state: dict) -> None:
+        temporary = self.output_dir / f".{STATE_FILE}.tmp"
+        temporary.write_text(json.dumps(state, indent=1))
+        os.replace(temporary, self.output_dir / STATE_FILE)
+
+    def start(self, params: dict, run_name: str, resumed_step: int | None = None, new_run: bool = False,
+              slurm_job: dict | None = None) -> None:
+        """`resumed_step`: the step a resumed run continues from (None: a fresh run), whose
+        MLflow run is continued unless `new_run`. `slurm_job`: {"job_id", "nodelist", "restarts"}."""
+        if not self.enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if resumed_step is not None:
+            _cut_metrics(self.output_dir, resumed_step)
+        self._jsonl = open(self.output_dir / METRICS_FILE, "a")
+        if not self.config.enabled:
             return
         # Fail fast on a dead server instead of MLflow's minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -63,6 +104,14 @@ class Tracker:
         import mlflow
 
         self._mlflow = mlflow
+        state = self._state() if resumed_step is not None and not new_run else {}
+        if state and (state.get("uri"), state.get("experiment")) != (self.uri, self.config.experiment):
+            log.warning("this run logged to MLflow at %s (experiment %r); now %s (%r): starting a new MLflow run",
+                        state.get("uri"), state.get("experiment"), self.uri, self.config.experiment)
+            state = {}
+        jobs = dict(state.get("slurm_jobs", {}))
+        if slurm_job:
+            jobs[slurm_job["job_id"]] = slurm_job["restarts"]
 
         def begin():
             mlflow.set_tracking_uri(self.uri)
@@ -70,21 +119,52 @@ class Tracker:
                 artifacts = Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts"
                 mlflow.create_experiment(self.config.experiment, artifact_location=artifacts.resolve().as_uri())
             mlflow.set_experiment(self.config.experiment)
-            self.run_id = mlflow.start_run(run_name=run_name, log_system_metrics=self.config.system_metrics).info.run_id
-            items = list(params.items())
-            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
-                mlflow.log_params({k: str(v)[:6000] for k, v in items[i:i + 100]})
+            run = None
+            if state.get("run_id"):
+                try:
+                    run = mlflow.start_run(run_id=state["run_id"], log_system_metrics=self.config.system_metrics)
+                except Exception as e:  # deleted in the meantime, or another store
+                    log.warning("cannot continue MLflow run %s (%s); starting a new one", state["run_id"], e)
+            continued = run is not None
+            run = run or mlflow.start_run(run_name=run_name, log_system_metrics=self.config.system_metrics)
+            self.run_id = run.info.run_id
+            self._write_state({"run_id": self.run_id, "uri": self.uri, "experiment": self.config.experiment,
+                               "slurm_jobs": jobs})
+            if not continued:
+                items = list(params.items())
+                for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+                    mlflow.log_params({k: str(v)[:6000] for k, v in items[i:i + 100]})
+            starts = int(mlflow.get_run(self.run_id).data.tags.get("starts", "0")) + 1
+            tags = {"starts": starts, "resumed_from_step": resumed_step or 0}
+            if slurm_job:
+                tags.update({"slurm.job_ids": ",".join(jobs), "slurm.nodelist": slurm_job["nodelist"],
+                             "slurm.requeues": sum(jobs.values())})
+            mlflow.set_tags(tags)
 
         self._call("start", begin)
         if self._mlflow is not None:
-            log.info("MLflow run in %s, experiment %r", self.uri, self.config.experiment)
+            log.info("MLflow run %s in %s, experiment %r", self.run_id, self.uri, self.config.experiment)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Now to metrics.jsonl; to MLflow at the next `commit`."""
         if not self.enabled:
             return
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self._jsonl.flush()
-        self._call("log_metrics", lambda: self._mlflow.log_metrics(metrics, step=step))
+        self._pending.append((step, int(time.time() * 1000), metrics))
+
+    def commit(self) -> None:
+        """Send the metrics logged so far to MLflow: a checkpoint now covers their steps."""
+        pending, self._pending = self._pending, []
+        if not self.enabled or self._mlflow is None or not pending:
+            return
+        from mlflow.entities import Metric
+
+        entries = [Metric(key, float(value), at, step) for step, at, metrics in pending
+                   for key, value in metrics.items()]
+        client = self._mlflow.MlflowClient(self.uri)
+        for i in range(0, len(entries), MLFLOW_BATCH):
+            self._call("log_batch", client.log_batch, self.run_id, metrics=entries[i:i + MLFLOW_BATCH])
 
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not self.enabled:
@@ -98,5 +178,10 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if not self.enabled:
             return
+        if self._pending:
+            log.info("steps %d-%d are in %s only: no checkpoint covers them, so a resume redoes them",
+                     self._pending[0][0], self._pending[-1][0], self.output_dir / METRICS_FILE)
+            self._pending = []
         self._call("end_run", lambda: self._mlflow.end_run(status=status))
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()

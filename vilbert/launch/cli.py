@@ -1,0 +1,152 @@
+"""`python launch/slurm.py`: run a vilbert command as a (multi-node) SLURM job through submitit."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+MANAGE = ("status", "tail", "cancel")
+
+DESCRIPTION = """\
+Run a vilbert command that trains or evaluates as a SLURM job (submitit), one task per GPU.
+
+  python launch/slurm.py COMMAND [cluster options] [COMMAND's own arguments] [-- COMMAND's arguments]
+  python launch/slurm.py status|tail|cancel JOB
+
+The launcher takes the options below and passes everything else, unchanged, to
+`vilbert COMMAND` (the same YAML config and dotted overrides as on a workstation); after a
+bare `--` everything goes to the command, for names that would clash. Arguments are checked
+before anything is submitted.
+
+Every task gets its rank and rendezvous from SLURM (the first host of the node list) and
+runs the same engine as `vilbert COMMAND`: NCCL on GPU nodes, gloo on CPU nodes. Before a
+time limit or at a preemption SLURM sends USR2 (--signal-delay seconds ahead); the job then
+requeues itself (at most --max-requeues times), each task stops at its next step boundary
+and writes a checkpoint if that fits in the cluster's KillWait, and the requeued job resumes
+from the newest complete checkpoint into the same MLflow run.
+"""
+
+EXAMPLES = """\
+examples:
+  # the paper's pretraining on 4 nodes x 8 GPUs, 24 h per job, requeued up to 10 times
+  python launch/slurm.py pretrain --nodes 4 --gpus-per-node 8 --cpus-per-task 10 --mem 480G \\
+      --time 24:00:00 --partition gpu --max-requeues 10 --config configs/paper.yaml
+  # the sbatch script it would submit
+  python launch/slurm.py pretrain --nodes 4 --gpus-per-node 8 --time 24:00:00 --dry-run --config configs/paper.yaml
+  # 2 CPU tasks on one node; the same job without SLURM
+  python launch/slurm.py pretrain --tasks-per-node 2 --config configs/toy.yaml optim.global_batch_size=64
+  python launch/slurm.py pretrain --cluster local --tasks-per-node 2 --config configs/toy.yaml
+  # follow, inspect, stop (a stop writes a checkpoint; continue with the same command + --resume auto)
+  python launch/slurm.py tail 4242
+  python launch/slurm.py status 4242
+  python launch/slurm.py cancel 4242
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch/slurm.py", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("command", help="a vilbert command that trains or evaluates (e.g. pretrain), or "
+                                        "status / tail / cancel JOB")
+    where = parser.add_argument_group("where and how big")
+    where.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm",
+                       help="submitit executor: slurm (sbatch), local (the tasks as processes here, no SLURM), "
+                            "debug (in this process) [slurm]")
+    where.add_argument("--nodes", type=int, default=1, help="nodes [1]")
+    where.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one task each [0: CPU nodes]")
+    where.add_argument("--tasks-per-node", type=int, default=1, help="tasks per node on CPU nodes [1]")
+    where.add_argument("--cpus-per-task", type=int, help="CPU cores per task (data workers + 1 or more)")
+    where.add_argument("--mem", help="memory per node, as sbatch takes it (e.g. 480G)")
+    where.add_argument("--time", default="60", help="time limit per job: minutes, HH:MM:SS or D-HH:MM:SS [60]")
+    where.add_argument("--partition", help="SLURM partition")
+    where.add_argument("--account", help="SLURM account")
+    where.add_argument("--qos", help="SLURM quality of service")
+    where.add_argument("--constraint", help="node features, e.g. a100")
+    where.add_argument("--exclude", help="nodes to avoid")
+    where.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other sbatch option, e.g. --sbatch mail-type=END (repeatable)")
+    job = parser.add_argument_group("the job")
+    job.add_argument("--job-name", default="vilbert", help="[vilbert]")
+    job.add_argument("--log-dir", default="runs/slurm",
+                     help="submitit's folder: scripts, pickles and per-task logs in LOG_DIR/JOB/ [runs/slurm]")
+    job.add_argument("--max-requeues", type=int, default=3,
+                     help="requeues at time limits and preemptions before the job gives up [3]")
+    job.add_argument("--signal-delay", type=int, default=90,
+                     help="seconds before the time limit that SLURM sends USR2 [90]")
+    job.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                     help="pass an environment variable to every task (beside MLFLOW_*, NCCL_*, HF_*, PYTHONPATH, "
+                          "cache directories; names with PASSWORD, TOKEN, SECRET or _KEY travel only through "
+                          "SLURM's own export)")
+    job.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    job.add_argument("--wait", action="store_true",
+                     help="wait for the job to end (always for --cluster local and debug)")
+    return parser
+
+
+def _manage(argv: list[str]) -> int:
+    from vilbert.launch import manage
+
+    parser = argparse.ArgumentParser(prog=f"launch/slurm.py {argv[0]}", allow_abbrev=False)
+    parser.add_argument("job", help="SLURM job id")
+    parser.add_argument("--log-dir", default="runs/slurm", help="the job's --log-dir [runs/slurm]")
+    if argv[0] == "tail":
+        parser.add_argument("--lines", type=int, default=20, help="lines to show before following [20]")
+        parser.add_argument("--no-follow", action="store_true", help="print and exit")
+    args = parser.parse_args(argv[1:])
+    if argv[0] == "status":
+        return manage.status(args.job, args.log_dir)
+    if argv[0] == "tail":
+        return manage.tail(args.job, args.log_dir, args.lines, follow=not args.no_follow)
+    return manage.cancel(args.job)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in MANAGE:
+        return _manage(argv)
+    own, passthrough = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    parser = build_parser()
+    args, rest = parser.parse_known_args(own)
+
+    from vilbert.cli import launchable_commands
+    from vilbert.launch.submit import ClusterOptions, sbatch_script, submit
+
+    commands = launchable_commands()
+    if args.command not in commands:
+        parser.error(f"{args.command!r} is not a vilbert command that trains or evaluates: {', '.join(commands)}; "
+                     f"or one of {', '.join(MANAGE)}")
+    command_argv = [args.command, *rest, *passthrough]
+    command = commands[args.command]
+    checked = command.parser.parse_args(command_argv[1:])  # exits with the command's usage on a bad argument
+    if command.check is not None:
+        try:
+            command.check(checked)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            print(f"launch/slurm.py: not submitted: {e}", file=sys.stderr)
+            return 2
+    options = ClusterOptions(**{k: v for k, v in vars(args).items()
+                                if k not in ("command", "dry_run", "wait")})
+    line = "vilbert " + " ".join(shlex.quote(a) for a in command_argv)
+    if args.dry_run:
+        if args.cluster != "slurm":
+            parser.error("--dry-run shows the sbatch script: --cluster slurm only")
+        print(sbatch_script(options))
+        print(f"# each task runs: {line}")
+        return 0
+    job = submit(options, command_argv, resumable=command.resumable)
+    tasks = f"{options.nodes} node(s) x {options.tasks} task(s)"
+    print(f"submitted job {job.job_id} ({args.cluster}, {tasks}): {line}")
+    print(f"  logs:   {job.paths.stderr} (rank 0)")
+    if args.cluster == "slurm":
+        print(f"  follow: python launch/slurm.py tail {job.job_id} --log-dir {args.log_dir}\n"
+              f"  status: python launch/slurm.py status {job.job_id} --log-dir {args.log_dir}\n"
+              f"  cancel: python launch/slurm.py cancel {job.job_id}")
+    if args.wait or args.cluster != "slurm":
+        try:
+            job.results()
+        except Exception as e:  # submitit raises with the task's traceback
+            print(f"job {job.job_id} failed:\n{e}", file=sys.stderr)
+            return 1
+        print(f"job {job.job_id} done")
+    return 0
