@@ -3,7 +3,7 @@ PY ?= python3
 PIP := $(PY) -m pip install -q
 TOY := runs/toyworld
 
-.PHONY: install demo test bench
+.PHONY: install demo lint test bench
 
 # torch first, and only when absent: 2.13.0 is a CPU build here; GPU boxes bring their own.
 install:
@@ -14,9 +14,13 @@ install:
 # The main job on its embedded default: toy world -> small ViLBERT on CPU -> local MLflow store.
 demo: install
 	@test -f $(TOY)/train/index.json || $(PY) -m shards toyworld --out $(TOY) --images 20000 --val-images 1000 --feature-dim 256
-	$(PY) -m vilbert pretrain --config configs/toy.yaml
+	$(PY) -m vilbert pretrain --config configs/toy.yaml --overwrite
 
-test: install
+lint: install
+	$(PY) -m ruff check .
+
+# The SLURM tests install Debian's slurm-wlm and munge if missing and start their own cluster.
+test: lint
 	$(PY) -m pytest -q tests
 
 bench: install

@@ -163,3 +163,15 @@ def test_batches_train_the_model(tmp_path):
                                        v_target_size=index.num_classes)
     out = ViLBERTForPretraining(config)(**batch.model_inputs())
     assert torch.isfinite(out.loss) and out.mlm_loss is not None and out.region_loss > 0
+
+
+def test_shards_streamed_through_a_command_with_a_local_index(tmp_path):
+    """Object stores: `pipe:` URLs (here `cat`) and a local copy of the shard set's index."""
+    directory = write_sample_shards(tmp_path / "s", n_shards=2, feature_dim=24, num_classes=11)
+    urls = f"pipe:cat {directory}/shard-{{000000..000001}}.tar"
+    with pytest.raises(ValueError, match="data.index"):
+        build_loader(DataConfig(shards=urls, batch_size=5, workers=0), train=False)
+    loader, index = build_loader(DataConfig(shards=urls, index=str(directory / "index.json"), batch_size=5,
+                                            workers=0), train=False)
+    keys = [key for batch in loader for key in batch.keys]
+    assert sorted(keys) == [f"img{i:04d}" for i in range(20)] and index.feature_dim == 24

@@ -149,3 +149,24 @@ def test_the_deepspeed_launcher_runs_two_cpu_processes(tmp_path, toy_world):
     assert run.data.params["world_size"] == "2" and run.data.params["launcher"] == "deepspeed"
     assert run.data.params["deepspeed.gradient_accumulation_steps"] == "1"  # 16 = 8 per rank x 2 ranks
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_deepspeed_hostfile_across_two_nodes_without_ssh(tmp_path, toy_world):
+    """The multi-node form for clusters without a scheduler, one `deepspeed` per node (here both
+    on this machine): `--hostfile` lists the nodes, `--no_ssh --node_rank N` starts node N's
+    ranks, `--master_addr` is node 0."""
+    config = train_config(tmp_path, toy_world, optim={"steps": 2, "global_batch_size": 16}, eval={"shards": ""})
+    (tmp_path / "hostfile").write_text("node-a slots=1\nnode-b slots=1\n")
+    port = str(29500 + os.getpid() % 1000)
+    nodes = [subprocess.Popen(["deepspeed", "--hostfile", str(tmp_path / "hostfile"), "--no_ssh", "--node_rank",
+                               str(rank), "--master_addr", "127.0.0.1", "--master_port", port, "--module", "vilbert",
+                               "pretrain", "--config", str(config)], env={**ENV, "DS_ACCELERATOR": "cpu"}, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("test").experiment_id])[0]
+    assert run.data.params["world_size"] == "2" and run.data.params["launcher"] == "deepspeed"
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]

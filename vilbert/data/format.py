@@ -185,7 +185,30 @@ def open_url(url: str):
     cp s3://... -`) or any URL webdataset's gopen understands."""
     import webdataset as wds
 
-    return wds.gopen(str(url), "rb")
+    stream = wds.gopen(str(url), "rb")
+    return stream if hasattr(stream, "readinto") else _ReadInto(stream)
+
+
+class _ReadInto:
+    """`readinto` for webdataset's Pipe, which has only `read` (and checks the command's exit
+    status on close, so a failed download is an error, not a short shard)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        return self.stream.read(size)
+
+    def readinto(self, buffer) -> int:
+        data = self.stream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stream.close()
 
 
 def read_shard(url: str):

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class DataConfig:
     shards: str = ""  # shard-set directory/index.json, or URLs: paths, globs, {000..009} braces, pipe:CMD
+    index: str = ""  # with URLs: the shard set's index.json (a local copy: feature width, classes, regions)
     fraction: float = 1.0  # of the shard set's samples (whole shards, seeded; needs an index)
     fraction_seed: int = 0
     batch_size: int = 32  # per rank (the micro batch)
@@ -171,11 +172,21 @@ class ShardStream(IterableDataset):
             yield self.collator(batch)
 
 
+def shard_index(config: DataConfig) -> ShardIndex:
+    """The shard set's index: `index` if given, else the one in the shard-set directory."""
+    if config.index:
+        return ShardIndex.read(config.index)
+    path = Path(config.shards)
+    if not (path.is_dir() or path.name == INDEX_NAME):
+        raise ValueError(f"data.shards={config.shards!r} are URLs: the pipeline needs the shard set's {INDEX_NAME} "
+                         f"(feature width, classes); set data.index to a local copy of it")
+    return ShardIndex.read(path)
+
+
 def build_loader(config: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1, seed_offset: int = 0,
-                 visual_target: int = VISUAL_TARGET_KL) -> tuple[DataLoader, ShardIndex | None]:
-    urls, index = resolve_shards(config.shards, config.fraction if train else 1.0, config.fraction_seed)
-    if index is None:
-        raise ValueError(f"{config.shards}: the pipeline needs the shard set's {INDEX_NAME} (feature dim, classes)")
+                 visual_target: int = VISUAL_TARGET_KL) -> tuple[DataLoader, ShardIndex]:
+    urls, _ = resolve_shards(config.shards, config.fraction if train else 1.0, config.fraction_seed)
+    index = shard_index(config)
     collator = Collator(CaptionTokenizer(load_tokenizer(config.tokenizer)), max_regions=index.max_regions,
                         num_classes=index.num_classes, class_topk=index.class_topk, visual_target=visual_target)
     stream = ShardStream(urls, collator, config, train=train, rank=rank, world_size=world_size,

@@ -106,14 +106,14 @@ def _pretrain(config: TrainConfig, resume: str, overwrite: bool, data_factory) -
     env, device_type = init_distributed()
     import deepspeed
 
-    from vilbert.data import ShardIndex
+    from vilbert.data.pipeline import shard_index
 
     start = run_dir.plan(config, resume, overwrite)  # every rank reads, ...
     if env.is_main:
         run_dir.prepare(config, start, overwrite)  # ... rank 0 writes
     checkpoint.barrier()
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    index = ShardIndex.read(config.data.shards) if data_factory is None else None
+    index = shard_index(config.data) if data_factory is None else None
     model = build_model(config, *(index.feature_dim, index.num_classes) if index else
                         (config.model.overrides["v_feature_size"], config.model.overrides["v_target_size"]))
     ds_config = deepspeed_config(config, env.world_size)
