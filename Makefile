@@ -21,7 +21,7 @@ lint: install
 
 # The SLURM tests install Debian's slurm-wlm and munge if missing and start their own cluster.
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 bench: install
 	$(PY) benchmarks/model_step.py
