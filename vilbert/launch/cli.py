@@ -128,13 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     options = ClusterOptions(**{k: v for k, v in vars(args).items()
                                 if k not in ("command", "dry_run", "wait")})
     line = "vilbert " + " ".join(shlex.quote(a) for a in command_argv)
-    if args.dry_run:
-        if args.cluster != "slurm":
-            parser.error("--dry-run shows the sbatch script: --cluster slurm only")
-        print(sbatch_script(options))
-        print(f"# each task runs: {line}")
-        return 0
-    job = submit(options, command_argv, resumable=command.resumable)
+    if args.dry_run and args.cluster != "slurm":
+        parser.error("--dry-run shows the sbatch script: --cluster slurm only")
+    try:
+        if args.dry_run:
+            print(sbatch_script(options))
+            print(f"# each task runs: {line}")
+            return 0
+        job = submit(options, command_argv, resumable=command.resumable)
+    except ValueError as e:  # an option submitit or SLURM's formats refuse (--time, --env, --nodes)
+        parser.error(str(e))
     tasks = f"{options.nodes} node(s) x {options.tasks} task(s)"
     print(f"submitted job {job.job_id} ({args.cluster}, {tasks}): {line}")
     print(f"  logs:   {job.paths.stderr} (rank 0)")
