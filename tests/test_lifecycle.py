@@ -2,6 +2,7 @@
 in step order, `latest`, the lr schedule across resumes, signals, the launcher's name."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -237,15 +238,16 @@ def test_rerunning_into_a_used_directory(tmp_path, toy_world):
 
 def test_sigterm_checkpoints_then_resume_runs_longer(tmp_path, toy_world):
     config = train_config(tmp_path, toy_world, optim={"steps": 400}, checkpoint={"every_steps": 1000},
-                          eval={"shards": ""})
+                          eval={"shards": ""}, data={"workers": 1})
     run = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-m", "vilbert", "pretrain", "--config", str(config)], env=ENV,
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     deadline = time.time() + 300
     while not any(m["step"] >= 45 for m in read_metrics(run)):  # past the warmup (40 steps)
         assert process.poll() is None and time.time() < deadline, "training died or hung before step 45"
         time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)  # the whole process group, data worker included, as SLURM does
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     stopped = read_metrics(run)[-1]["step"]

@@ -192,9 +192,10 @@ def test_a_two_task_job_completes(two_task_job, capsys):
 
 
 def _preemptible_config(tmp_path, toy_world, steps):
-    """Checkpoints only at the end: the only other one a resume can find is the stop's own."""
+    """Checkpoints only at the end: the only other one a resume can find is the stop's own. A
+    data worker per rank: SLURM signals it too."""
     return train_config(tmp_path, toy_world, optim={"steps": steps, "global_batch_size": 16},
-                        checkpoint={"every_steps": 100_000}, eval={"shards": ""})
+                        checkpoint={"every_steps": 100_000}, eval={"shards": ""}, data={"workers": 1})
 
 
 def test_a_preempted_job_resumes_from_its_newest_checkpoint_in_the_same_mlflow_run(slurm, tmp_path, toy_world):

@@ -198,7 +198,8 @@ def build_loader(config: DataConfig, *, train: bool, rank: int = 0, world_size: 
 
 def _leave_stop_signals_to_trainer(worker_id: int) -> None:
     """SLURM and a terminal's Ctrl-C signal every process of a job, workers included. A worker
-    killed by SIGTERM would crash the step in which the trainer is stopping cleanly, so
-    workers ignore it; they still exit when the trainer shuts them down or dies."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    ended by SIGTERM, SIGINT or the scheduler's warning (USR1/USR2) would crash the step in
+    which the trainer is stopping cleanly (and a forked worker would run the trainer's
+    handlers), so workers ignore them; they exit when the trainer shuts them down or dies."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
