@@ -21,10 +21,12 @@ before anything is submitted.
 
 Every task gets its rank and rendezvous from SLURM (the first host of the node list) and
 runs the same engine as `vilbert COMMAND`: NCCL on GPU nodes, gloo on CPU nodes. Before a
-time limit or at a preemption SLURM sends USR2 (--signal-delay seconds ahead); the job then
-requeues itself (at most --max-requeues times), each task stops at its next step boundary
-and writes a checkpoint if that fits in the cluster's KillWait, and the requeued job resumes
-from the newest complete checkpoint into the same MLflow run.
+time limit SLURM sends USR2 (--signal-delay seconds ahead; submitit's preemption warning is
+the same signal): the job requeues itself (at most --max-requeues times), each task stops
+at its next step boundary and writes a checkpoint if that fits in the cluster's KillWait,
+and the requeued job resumes from the newest complete checkpoint into the same MLflow run.
+A preemption, scancel or scontrol requeue (SIGTERM) stops each task the same way; a job
+that SLURM requeues resumes the same way.
 """
 
 EXAMPLES = """\
