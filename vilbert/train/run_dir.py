@@ -48,7 +48,7 @@ def _held_run(config: TrainConfig) -> str:
     logged = Path(config.output_dir) / METRICS_FILE
     held = [f"checkpoints {tags[0]}..{tags[-1]}"] if tags else []
     if logged.exists() and logged.stat().st_size:
-        held.append(f"{sum(1 for _ in logged.open())} logged steps")
+        held.append(f"{len(logged.read_text().splitlines())} logged steps")
     if (Path(config.output_dir) / STATE_FILE).exists():
         held.append("an MLflow run")
     return ", ".join(held)
