@@ -204,6 +204,7 @@ def test_launchers_are_told_apart():
     assert launcher_name({"RANK": "0", "TORCHELASTIC_RUN_ID": "x"}) == "torchrun"
     assert launcher_name({"RANK": "0", "CROSS_RANK": "0"}) == "deepspeed"
     assert launcher_name({"RANK": "0", "SUBMITIT_EXECUTOR": "slurm", "SLURM_PROCID": "0"}) == "submitit-slurm"
+    assert launcher_name({"RANK": "0", "SUBMITIT_DEBUG_JOB_ID": "DEBUG_1"}) == "submitit-debug"
     assert launcher_name({"RANK": "0"}) == "env"
 
 

@@ -75,6 +75,8 @@ def launcher_name(env) -> str:
     """Which launcher set RANK and WORLD_SIZE."""
     if env.get("SUBMITIT_EXECUTOR"):
         return f"submitit-{env['SUBMITIT_EXECUTOR']}"
+    if "SUBMITIT_DEBUG_JOB_ID" in env:  # submitit's in-process executor
+        return "submitit-debug"
     if "TORCHELASTIC_RUN_ID" in env:
         return "torchrun"
     if "CROSS_RANK" in env:
