@@ -16,6 +16,7 @@ from helpers import ENV, ROOT, train_config
 from slurm_cluster import LocalSlurmCluster, SlurmUnavailable, loopback_host_names
 from vilbert.launch import cli
 from vilbert.launch.job import resumed_argv
+from vilbert.launch.manage import job_info
 from vilbert.launch.submit import minutes
 from vilbert.train import checkpoint
 from vilbert.train.tracking import read_metrics
@@ -132,12 +133,6 @@ def _submit(slurm, config, log_dir, *options) -> str:
     return re.search(r"submitted job (\d+)", result.stdout).group(1)
 
 
-def _job(job_id: str) -> dict:
-    from vilbert.launch.manage import job_info
-
-    return job_info(job_id)
-
-
 def _rank0_log(log_dir, job_id) -> str:
     path = log_dir / job_id / f"{job_id}_0_log.err"
     return path.read_text(errors="replace") if path.exists() else "(no log)"
@@ -148,13 +143,13 @@ def _wait(job_id: str, log_dir, timeout: float, until=None) -> dict:
     after SLURM's fixed requeue delay (about 2 minutes)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        info = _job(job_id)
+        info = job_info(job_id)
         if info.get("JobState") in DONE or (until and until(info)):
             return info
         if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
         time.sleep(1)
-    pytest.fail(f"job {job_id} still {_job(job_id).get('JobState')} after {timeout:.0f} s; rank 0's log ends:\n"
+    pytest.fail(f"job {job_id} still {job_info(job_id).get('JobState')} after {timeout:.0f} s; rank 0's log ends:\n"
                 f"{_rank0_log(log_dir, job_id)[-3000:]}")
 
 

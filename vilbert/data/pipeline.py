@@ -173,20 +173,20 @@ class ShardStream(IterableDataset):
 
 
 def shard_index(config: DataConfig) -> ShardIndex:
-    """The shard set's index: `index` if given, else the one in the shard-set directory."""
-    if config.index:
-        return ShardIndex.read(config.index)
+    """The shard set's index: the shard-set directory's, else `index` (a local copy, for URLs)."""
     path = Path(config.shards)
-    if not (path.is_dir() or path.name == INDEX_NAME):
+    if path.is_dir() or path.name == INDEX_NAME:
+        return ShardIndex.read(path)
+    if not config.index:
         raise ValueError(f"data.shards={config.shards!r} are URLs: the pipeline needs the shard set's {INDEX_NAME} "
                          f"(feature width, classes); set data.index to a local copy of it")
-    return ShardIndex.read(path)
+    return ShardIndex.read(config.index)
 
 
 def build_loader(config: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1, seed_offset: int = 0,
                  visual_target: int = VISUAL_TARGET_KL) -> tuple[DataLoader, ShardIndex]:
-    urls, _ = resolve_shards(config.shards, config.fraction if train else 1.0, config.fraction_seed)
-    index = shard_index(config)
+    urls, index = resolve_shards(config.shards, config.fraction if train else 1.0, config.fraction_seed)
+    index = index or shard_index(config)  # URLs carry no index
     collator = Collator(CaptionTokenizer(load_tokenizer(config.tokenizer)), max_regions=index.max_regions,
                         num_classes=index.num_classes, class_topk=index.class_topk, visual_target=visual_target)
     stream = ShardStream(urls, collator, config, train=train, rank=rank, world_size=world_size,

@@ -47,6 +47,7 @@ class VilbertJob:
     resumable: bool  # the command takes --resume (training commands do)
     max_requeues: int = 3
     requeues: int = 0  # done so far by checkpoint(); a requeue from outside counts in SLURM_RESTART_COUNT
+    _requeue_refused = False  # not a field: set on rank 0 when submitit did not requeue (requeues used up)
 
     def __call__(self) -> int:
         import submitit
@@ -77,8 +78,6 @@ class VilbertJob:
             log.warning("not requeued: %d requeues already (--max-requeues %d)", self.requeues, self.max_requeues)
             return None
         return DelayedSubmission(dataclasses.replace(self, requeues=self.requeues + 1))
-
-    _requeue_refused = False  # set on rank 0 when submitit did not requeue (requeues used up)
 
     def _forward_warning_signal(self, stop_request) -> int:
         """Wrap submitit's handler of the warning signal; returns the signal's number."""

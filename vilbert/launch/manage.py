@@ -32,12 +32,8 @@ def job_info(job_id: str) -> dict[str, str]:
     return info
 
 
-def job_state(job_id: str) -> str:
-    return job_info(job_id).get("JobState", "UNKNOWN")
-
-
-def log_files(job_id: str, log_dir: str) -> list[Path]:
-    info = job_info(job_id)
+def log_files(job_id: str, log_dir: str, info: dict[str, str]) -> list[Path]:
+    """Rank 0's stdout and stderr: where SLURM (`info`) says, else in the log directory."""
     if info.get("StdOut"):
         paths = [Path(info["StdOut"]), Path(info.get("StdErr") or info["StdOut"])]
     else:
@@ -59,7 +55,7 @@ def status(job_id: str, log_dir: str) -> int:
     for key in SHOWN:
         if key in info:
             print(f"{key:>10}: {info[key]}")
-    for path in log_files(job_id, log_dir):
+    for path in log_files(job_id, log_dir, info):
         if path.suffix == ".err" and path.exists():
             print(f"rank 0's log ({path}) ends:")
             print("\n".join(screen_lines(path.read_bytes())[-3:]) or "(empty)")
@@ -68,9 +64,10 @@ def status(job_id: str, log_dir: str) -> int:
 
 def tail(job_id: str, log_dir: str, lines: int = 20, follow: bool = True, poll_s: float = 1.0) -> int:
     """Print the end of rank 0's logs, then follow them until the job ends (or Ctrl-C)."""
-    files = log_files(job_id, log_dir)
+    info = job_info(job_id)
+    files = log_files(job_id, log_dir, info)
     offsets: dict[Path, int] = {}
-    if not any(p.exists() for p in files) and not job_info(job_id):
+    if not any(p.exists() for p in files) and not info:
         print(f"job {job_id}: no logs in {log_dir}/{job_id} and SLURM does not know it", file=sys.stderr)
         return 1
     for path in files:
@@ -80,7 +77,7 @@ def tail(job_id: str, log_dir: str, lines: int = 20, follow: bool = True, poll_s
             offsets[path] = len(data)
     try:
         while follow:
-            active = job_state(job_id) in ACTIVE_STATES
+            state = job_info(job_id).get("JobState", "UNKNOWN")
             for path in files:
                 if path.exists() and path.stat().st_size > offsets.get(path, 0):
                     with path.open("rb") as f:
@@ -89,8 +86,8 @@ def tail(job_id: str, log_dir: str, lines: int = 20, follow: bool = True, poll_s
                     offsets[path] = offsets.get(path, 0) + len(chunk)
                     sys.stdout.write(chunk.decode(errors="replace"))
                     sys.stdout.flush()
-            if not active:
-                print(f"\njob {job_id}: {job_state(job_id)}")
+            if state not in ACTIVE_STATES:
+                print(f"\njob {job_id}: {state}")
                 return 0
             time.sleep(poll_s)
     except KeyboardInterrupt:

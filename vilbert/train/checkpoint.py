@@ -72,8 +72,8 @@ def save(engine, directory: str | Path, state: dict, keep_last: int, is_main: bo
     if is_main:
         (directory / tag / MARKER).write_text(json.dumps(state))
         point_latest(directory, tag)
-        older = [t for t in complete_tags(directory) if tag_step(t) < state["step"]]
-        for old in older[:max(0, len(older) - (keep_last - 1))] if keep_last > 0 else []:
+        done = [t for t in complete_tags(directory) if tag_step(t) <= state["step"]]  # this one is the newest
+        for old in done[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(directory / old, ignore_errors=True)
     barrier()
     return tag

@@ -42,9 +42,8 @@ class Start:
         return checkpoint.tag_step(self.tag) if self.tag else 0
 
 
-def _held_run(config: TrainConfig) -> str:
-    """What the directory holds of an earlier run, in words; '' if nothing."""
-    tags = checkpoint.complete_tags(config.checkpoint_dir)
+def _held_run(config: TrainConfig, tags: list[str]) -> str:
+    """What the directory holds of an earlier run (`tags`: its complete checkpoints), in words."""
     logged = Path(config.output_dir) / METRICS_FILE
     held = [f"checkpoints {tags[0]}..{tags[-1]}"] if tags else []
     if logged.exists() and logged.stat().st_size:
@@ -59,22 +58,23 @@ def plan(config: TrainConfig, resume: str, overwrite: bool) -> Start:
     rank can call it and all reach the same answer (or raise the same error)."""
     if overwrite and resume not in ("", "none"):
         raise ValueError("--overwrite starts the run again and --resume continues it: pass one of them")
-    held = _held_run(config)
+    tags = checkpoint.complete_tags(config.checkpoint_dir)
+    held = _held_run(config, tags)
     if overwrite or resume in ("", "none"):
         if held and not overwrite:
             raise RunExists(f"{config.output_dir} already holds a run ({held}). Pass --resume auto to continue "
                             f"it, or --overwrite to delete it and start again, or choose another output_dir.")
         return Start(None, resumed=False)
     tag = checkpoint.resume_tag(config.checkpoint_dir, resume)
-    newest = checkpoint.complete_tags(config.checkpoint_dir)[-1:]
-    return Start(tag, resumed=True, branched=tag is not None and [tag] != newest)
+    return Start(tag, resumed=True, branched=tag is not None and tag != tags[-1])
 
 
 def prepare(config: TrainConfig, start: Start, overwrite: bool) -> None:
     """Rank 0 only: make the directory what `start` expects (the other ranks wait at a barrier)."""
     directory, checkpoints = Path(config.output_dir), config.checkpoint_dir
     if overwrite:
-        log.warning("--overwrite: deleting the run in %s (%s)", directory, _held_run(config) or "nothing held")
+        held = _held_run(config, checkpoint.complete_tags(checkpoints)) or "nothing held"
+        log.warning("--overwrite: deleting the run in %s (%s)", directory, held)
         shutil.rmtree(checkpoints, ignore_errors=True)
         for name in RUN_FILES:
             path = directory / name
