@@ -1,7 +1,8 @@
 """Samples/s of full pretraining steps (data pipeline + model + DeepSpeed optimizer step).
 
 CPU: the `small` preset on toy-world shards, with 1 rank (`python -m vilbert`) and 2 ranks
-(`torchrun --nproc_per_node 2`), ZeRO-0 fp32. GPU (when CUDA is present): the `base` preset,
+(`torchrun --nproc_per_node 2`), ZeRO-0 fp32, and 1 rank in bf16 where the CPU has native
+bf16 (AMX / AVX512-BF16; elsewhere the row says it was not run). GPU (when CUDA is present): the `base` preset,
 bf16, ZeRO-2, the largest micro batch that fits (tried from --gpu-batches), with model
 FLOPs utilisation = 6 x parameters x (36 tokens + 37 regions) x samples/s / peak.
 
@@ -48,21 +49,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_toyworld(tmp / "toy", 4000, 0, feature_dim=2048, workers=2)
-        common = [f"data.shards={tmp / 'toy' / 'train'}", "data.workers=1", f"optim.steps={args.steps}",
+        common = [f"data.shards={tmp / 'toy' / 'train'}", f"optim.steps={args.steps}",
                   "tracking.enabled=false", "tracking.log_every=1", f"checkpoint.every_steps={10 ** 9}",
                   "model.bert=minilm"]
         print("| device | preset | ranks | precision / ZeRO | micro batch | samples/s | data wait | MFU |")
         print("|---|---|---|---|---|---|---|---|")
-        for ranks in (1, 2):
+        from vilbert.train.precision import native_bf16
+
+        for ranks, precision in ((1, "fp32"), (2, "fp32"), (1, "bf16")):
+            if precision == "bf16" and not native_bf16("cpu"):
+                print(f"| cpu ({os.cpu_count()} cores) | small | 1 | bf16 / 0 | {args.cpu_batch} | not run: this CPU "
+                      "has no native bf16 (AMX / AVX512-BF16) | - | - |")
+                continue
             command = [sys.executable, "-m", "vilbert"] if ranks == 1 else \
                 [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vilbert"]
-            result = run(command, tmp / f"cpu{ranks}", common + [
-                "model.preset=small", f"data.batch_size={args.cpu_batch}",
-                f"optim.global_batch_size={args.cpu_batch * ranks}", "deepspeed=deepspeed_configs/zero0_fp32.json"])
+            result = run(command, tmp / f"cpu{ranks}{precision}", common + [
+                "model.preset=small", f"data.batch_size={args.cpu_batch}", "data.workers=0",
+                f"optim.global_batch_size={args.cpu_batch * ranks}",
+                f"deepspeed=deepspeed_configs/zero0_{precision}.json"])
             if "error" in result:
-                print(f"cpu, {ranks} ranks failed:\n{result['error']}")
+                print(f"cpu, {ranks} ranks, {precision} failed:\n{result['error']}")
                 continue
-            print(f"| cpu ({os.cpu_count()} cores) | small | {ranks} | fp32 / 0 | {args.cpu_batch} | "
+            print(f"| cpu ({os.cpu_count()} cores) | small | {ranks} | {precision} / 0 | {args.cpu_batch} | "
                   f"{result['samples_per_s']:.1f} | {result['data_wait']:.0%} | - |", flush=True)
         if not torch.cuda.is_available():
             print("no GPU: GPU figures not measured")

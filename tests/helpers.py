@@ -90,7 +90,7 @@ def synthetic_batch(batch_id: int, size: int, feature_dim: int, num_classes: int
         n = int(rng.integers(3, 7))
         xy = rng.uniform(0, 50, (n, 2)).astype(np.float32)
         samples.append(dict(key=f"{batch_id}-{i}", image_id=str(i), alignment_label=int(rng.integers(2)),
-                            caption=" ".join(rng.choice(words, int(rng.integers(3, 9)))), image_w=100, image_h=80,
+                            caption=" ".join(rng.choice(words, int(rng.integers(8, 14)))), image_w=100, image_h=80,
                             features=rng.normal(size=(n, feature_dim)).astype(np.float16),
                             boxes=np.concatenate([xy, xy + 20], 1),
                             cls_index=np.argsort(rng.random((n, num_classes)))[:, :3].astype(np.uint16),

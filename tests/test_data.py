@@ -33,7 +33,7 @@ def test_tokenizer_uses_the_real_vocabulary(tokenizer):
     ids, mask = tokenizer(["a red dog to the left of a blue car."])
     words = load_tokenizer().convert_ids_to_tokens(ids[0, : int(mask.sum())])
     assert words == ["[CLS]", "a", "red", "dog", "to", "the", "left", "of", "a", "blue", "car", ".", "[SEP]"]
-    assert ids.shape == (1, 36)
+    assert ids.shape == (1, 16)  # 13 tokens, padded up to a multiple of 8
 
 
 def test_eval_split_visits_every_sample_once_over_ranks_and_workers(tmp_path, tokenizer):
@@ -109,7 +109,8 @@ def test_region_layout(tokenizer):
     samples = _synthetic_samples(3, np.random.default_rng(1))
     batch = Collator(tokenizer, max_regions=36, num_classes=7, class_topk=2)(samples)
     s, n = samples[0], len(samples[0]["features"])
-    assert batch.region_features.shape == (3, 37, 4) and int(batch.region_mask[0].sum()) == n + 1
+    slots = max(len(s["features"]) for s in samples) + 1
+    assert batch.region_features.shape == (3, slots, 4) and int(batch.region_mask[0].sum()) == n + 1
     expected_img = torch.from_numpy(s["features"].astype(np.float32)).mean(0)
     assert torch.allclose(batch.region_features[0, 0].float(), expected_img, atol=1e-2)
     assert torch.equal(batch.region_locations[0, 0], torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0]))
@@ -117,8 +118,26 @@ def test_region_layout(tokenizer):
     area = (x2 - x1) * (y2 - y1) / (200 * 150)
     assert torch.allclose(batch.region_locations[0, 1], torch.tensor([x1 / 200, y1 / 150, x2 / 200, y2 / 150, area]))
     targets = batch.model_inputs()["region_targets"]
-    assert targets.shape == (3, 37, 7) and torch.allclose(targets[0, 1:n + 1].sum(-1), torch.ones(n), atol=1e-3)
+    assert targets.shape == (3, slots, 7) and torch.allclose(targets[0, 1:n + 1].sum(-1), torch.ones(n), atol=1e-3)
     assert torch.allclose(targets[0, 1, 0], torch.tensor(0.5))  # the stored top-k keeps its probabilities
+
+
+@pytest.mark.parametrize("words, regions, width", [(3, [4, 9], 8), (7, [36, 2], 16), (40, [50, 1], 36)])
+def test_batches_are_padded_to_their_longest_caption_and_largest_region_count(tokenizer, words, regions, width):
+    samples = _synthetic_samples(len(regions), np.random.default_rng(2))
+    for sample, n in zip(samples, regions):
+        for key in ("features", "boxes", "cls_index", "cls_prob"):
+            sample[key] = np.resize(sample[key], (n, sample[key].shape[1]))
+    samples[0]["caption"] = " ".join(["dog"] * words)  # [CLS] + words + [SEP]: the batch's longest
+    samples[1]["caption"] = "dog"
+    batch = Collator(tokenizer, max_regions=36, num_classes=7, class_topk=2)(samples)
+    assert batch.input_ids.shape[1] == width  # rounded up to a multiple of 8, at most 36
+    assert int(batch.attention_mask[0].sum()) == min(words + 2, 36) and int(batch.attention_mask[1].sum()) == 3
+    assert batch.region_features.shape[1] == min(max(regions), 36) + 1  # + the IMG token
+    assert batch.region_mask.sum(1).tolist() == [min(n, 36) + 1 for n in regions]
+    positions = batch.masked_lm_positions
+    assert torch.equal(batch.masked_lm_labels.flatten()[positions],
+                       batch.masked_lm_labels[batch.masked_lm_labels != IGNORE_INDEX])
 
 
 def test_negatives_never_pair_an_image_with_its_own_caption(tmp_path, tokenizer):

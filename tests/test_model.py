@@ -12,6 +12,7 @@ from vilbert import (
     ViLBERTForTasks,
     ViLBERTModel,
 )
+from vilbert.losses import IGNORE_INDEX
 from vilbert.modeling import layer_norm as layer_norm_module
 from vilbert.modeling.encoder import schedule
 
@@ -49,6 +50,62 @@ def test_padding_changes_nothing_for_real_positions(backend):
         c = model(**changed)
     assert not torch.allclose(a.text_sequence[~pad_t], c.text_sequence[~pad_t], atol=1e-3)
     assert (a.region_logits[pad_r] < -5000).all()
+
+
+@pytest.mark.parametrize("single_stream", [False, True])
+def test_batch_width_padding_changes_no_output_at_real_positions(single_stream):
+    """A batch padded only to its longest caption / largest region count (the collator) and
+    the same batch padded to the paper's fixed 36 tokens and 37 regions give the same outputs."""
+    config = ViLBERTConfig.from_preset("tiny", max_position_embeddings=64)
+    model = (SingleStreamForPretraining if single_stream else ViLBERTForPretraining)(config).eval()
+    inputs = make_inputs(config, batch=3, tokens=9, regions=6)
+    labels = inputs["input_ids"].masked_fill(torch.rand(3, 9, generator=torch.Generator().manual_seed(1)) > 0.3,
+                                             IGNORE_INDEX).masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
+    masked_regions = torch.zeros(3, 6, dtype=torch.bool)
+    masked_regions[:, 1] = True
+    targets = torch.softmax(torch.randn(3, 6, config.v_target_size), -1)
+    widened = dict(inputs, masked_lm_labels=labels, masked_regions=masked_regions, region_targets=targets)
+    text_pad, region_pad = 36 - 9, 37 - 6
+    for key, pad in [("input_ids", text_pad), ("token_type_ids", text_pad), ("attention_mask", text_pad)]:
+        widened[key] = torch.nn.functional.pad(widened[key], (0, pad))
+    widened["masked_lm_labels"] = torch.nn.functional.pad(labels, (0, text_pad), value=IGNORE_INDEX)
+    for key in ("region_mask", "masked_regions"):
+        widened[key] = torch.nn.functional.pad(widened[key], (0, region_pad))
+    for key in ("region_features", "region_locations", "region_targets"):
+        widened[key] = torch.nn.functional.pad(widened[key], (0, 0, 0, region_pad))
+    with torch.no_grad():
+        tight = model(**inputs, masked_lm_labels=labels, masked_regions=masked_regions, region_targets=targets,
+                      alignment_labels=torch.tensor([0, 1, 0]))
+        wide = model(**widened, alignment_labels=torch.tensor([0, 1, 0]))
+    real_text, real_regions = inputs["attention_mask"].bool(), inputs["region_mask"].bool()
+    assert torch.allclose(tight.text_sequence[real_text], wide.text_sequence[:, :9][real_text], atol=1e-5)
+    assert torch.allclose(tight.region_sequence[real_regions], wide.region_sequence[:, :6][real_regions], atol=1e-5)
+    for name in ("loss", "mlm_loss", "region_loss", "alignment_loss", "masked_lm_logits", "alignment_logits"):
+        assert torch.allclose(tight[name], wide[name], atol=1e-5), name
+
+
+def test_bf16_outputs_stay_within_bf16_tolerance_of_fp32():
+    """bf16 weights and inputs (DeepSpeed's bf16 mode) against fp32, on the small preset:
+    the pretraining losses and pooled vectors agree to a few bf16 roundings."""
+    torch.manual_seed(0)
+    config = ViLBERTConfig.from_preset("small", v_feature_size=64, v_target_size=20, vocab_size=1000)
+    model = ViLBERTForPretraining(config).eval()
+    inputs = make_inputs(config, batch=4, tokens=16, regions=10)
+    labels = inputs["input_ids"].masked_fill(torch.arange(16) % 5 != 2, IGNORE_INDEX)
+    extra = dict(masked_lm_labels=labels, masked_regions=torch.arange(10).expand(4, 10) % 4 == 1,
+                 alignment_labels=torch.tensor([0, 1, 0, 1]))
+    targets = torch.softmax(torch.randn(4, 10, config.v_target_size), -1)
+    with torch.no_grad():
+        full = model(**inputs, **extra, region_targets=targets)
+        model.to(torch.bfloat16)
+        half = model(**{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()},
+                     **extra, region_targets=targets.to(torch.bfloat16))
+    for name in ("mlm_loss", "region_loss", "alignment_loss"):
+        assert abs(half[name].item() - full[name].item()) <= 0.02 * abs(full[name].item()) + 1e-3, name
+    for name in ("text_pooled", "region_pooled", "text_sequence"):
+        error = (half[name].float() - full[name]).norm() / full[name].norm()
+        assert error < 0.03, (name, error)  # bf16 has 8 mantissa bits: 0.4% per rounding
+    assert half.text_sequence.dtype == torch.bfloat16
 
 
 def test_sdpa_matches_eager(tiny_config):

@@ -17,6 +17,7 @@ import torch
 from vilbert.config import VISUAL_TARGET_KL
 from vilbert.data.masking import mask_regions, mask_tokens
 from vilbert.data.tokenizer import CaptionTokenizer
+from vilbert.modeling.heads import labelled_positions
 
 IMG_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)  # the IMG token covers the whole image
 
@@ -40,6 +41,7 @@ class Batch:
     region_locations: torch.Tensor  # [B, R, 5]
     region_mask: torch.Tensor  # [B, R] 1 = real region (IMG included)
     masked_lm_labels: torch.Tensor  # [B, T] original ids of masked tokens, IGNORE_INDEX elsewhere
+    masked_lm_positions: torch.Tensor  # [N] flat indices of the labelled tokens (the model gathers there)
     masked_regions: torch.Tensor  # [B, R] bool
     alignment_labels: torch.Tensor  # [B] 0 = the caption is the image's, 1 = another image's
     num_classes: int = 0
@@ -47,6 +49,7 @@ class Batch:
     class_prob: torch.Tensor | None = None  # [B, R, k] their probabilities
     feature_targets: torch.Tensor | None = None  # [B, R, F] unmasked features (regression / NCE)
     keys: list[str] = field(default_factory=list)
+    real_tokens: int = 0  # unpadded text tokens, counted on the host (the engine's tokens/s)
 
     def to(self, device) -> Batch:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -62,7 +65,8 @@ class Batch:
         return dict(input_ids=self.input_ids, token_type_ids=self.token_type_ids, attention_mask=self.attention_mask,
                     region_features=self.region_features.to(dtype), region_locations=self.region_locations.to(dtype),
                     region_mask=self.region_mask, masked_lm_labels=self.masked_lm_labels,
-                    masked_regions=self.masked_regions, region_targets=targets, alignment_labels=self.alignment_labels)
+                    masked_regions=self.masked_regions, region_targets=targets, alignment_labels=self.alignment_labels,
+                    masked_lm_positions=self.masked_lm_positions)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -77,7 +81,8 @@ def region_locations(boxes: np.ndarray, image_w: float, image_h: float) -> np.nd
 
 class Collator:
     """Builds `Batch`es from samples that carry `caption` and `alignment_label` (chosen
-    upstream) next to the decoded arrays. Regions are padded to `max_regions` + 1 (IMG)."""
+    upstream) next to the decoded arrays. Regions (at most `max_regions` per image) are
+    padded to the batch's largest count + 1 (the IMG token); text as `CaptionTokenizer` does."""
 
     def __init__(self, tokenizer: CaptionTokenizer, *, max_regions: int, num_classes: int, class_topk: int,
                  visual_target: int = VISUAL_TARGET_KL, seed: int = 0):
@@ -96,9 +101,9 @@ class Collator:
         input_ids, mlm_labels = mask_tokens(token_ids, maskable, self.tokenizer.mask_token_id,
                                             self.tokenizer.vocab_size, self.generator)
 
-        batch, slots, k = len(samples), self.max_regions + 1, self.class_topk
         kl = self.visual_target == VISUAL_TARGET_KL
         counts = [min(len(s["features"]), self.max_regions) for s in samples]
+        batch, slots, k = len(samples), max(counts) + 1, self.class_topk
         features = torch.zeros(batch, slots, samples[0]["features"].shape[1], dtype=torch.float16)
         locations = torch.zeros(batch, slots, 5)
         class_index = torch.zeros(batch, slots, k, dtype=torch.int16) if kl else None
@@ -121,8 +126,9 @@ class Collator:
         masked_regions = mask_regions(features, maskable_regions, self.generator)
         return Batch(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids), attention_mask=attention_mask,
                      region_features=features, region_locations=locations, region_mask=region_mask,
-                     masked_lm_labels=mlm_labels, masked_regions=masked_regions,
+                     masked_lm_labels=mlm_labels, masked_lm_positions=labelled_positions(mlm_labels),
+                     masked_regions=masked_regions,
                      alignment_labels=torch.tensor([s["alignment_label"] for s in samples]),
                      num_classes=self.num_classes, class_index=class_index, class_prob=class_prob,
                      feature_targets=feature_targets,
-                     keys=[s["key"] for s in samples])
+                     keys=[s["key"] for s in samples], real_tokens=int(attention_mask.sum()))

@@ -9,6 +9,7 @@ import torch
 from transformers import BertTokenizerFast
 
 MAX_TEXT_LENGTH = 36  # tokens per caption, [CLS] and [SEP] included (the paper's setting)
+PAD_TO_MULTIPLE = 8  # batch widths on multiples of 8 keep matmul shapes kernel-friendly (and few)
 
 
 def default_vocab() -> Path:
@@ -32,8 +33,10 @@ def load_tokenizer(path: str | Path | None = None) -> BertTokenizerFast:
 
 
 class CaptionTokenizer:
-    """Batch tokenisation to fixed length ([CLS] caption [SEP], truncated and padded), on the
-    Rust tokenizer directly: the transformers wrapper costs as much again per caption."""
+    """Batch tokenisation ([CLS] caption [SEP], truncated to `max_length`) padded to the
+    batch's longest caption rounded up to a multiple of 8 (at most `max_length`): short
+    captions cost no attention or feed-forward work on padding. On the Rust tokenizer
+    directly: the transformers wrapper costs as much again per caption."""
 
     def __init__(self, tokenizer: BertTokenizerFast, max_length: int = MAX_TEXT_LENGTH):
         from tokenizers import Tokenizer
@@ -42,11 +45,14 @@ class CaptionTokenizer:
         self.special_ids = sorted(tokenizer.all_special_ids)
         self._rust = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a private copy to configure
         self._rust.enable_truncation(max_length)
-        self._rust.enable_padding(length=max_length, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+        self.max_length = max_length
+        self._rust.enable_padding(pad_to_multiple_of=PAD_TO_MULTIPLE, pad_id=tokenizer.pad_token_id,
+                                  pad_token=tokenizer.pad_token)
         self._encode = getattr(self._rust, "encode_batch_fast", self._rust.encode_batch)  # fast: no offsets
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns input ids and attention mask, both [len(captions), max_length]."""
+        """Returns input ids and attention mask, both [len(captions), width]."""
         encodings = self._encode(captions)
-        return (torch.from_numpy(np.array([e.ids for e in encodings])),
-                torch.from_numpy(np.array([e.attention_mask for e in encodings])))
+        # Rounding up may pass max_length (36 -> 40); only padding lies beyond it.
+        return (torch.from_numpy(np.array([e.ids[:self.max_length] for e in encodings])),
+                torch.from_numpy(np.array([e.attention_mask[:self.max_length] for e in encodings])))

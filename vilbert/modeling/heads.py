@@ -42,6 +42,11 @@ class PredictionHead(nn.Module):
         return self.decoder(self.norm(self.act(self.dense(x))))
 
 
+def labelled_positions(masked_lm_labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into [B*T] of the tokens that carry a masked-LM label, in order."""
+    return (masked_lm_labels != losses.IGNORE_INDEX).flatten().nonzero().squeeze(1)
+
+
 class PretrainingHeads(nn.Module):
     """Masked LM, masked region and alignment heads, and the losses they are trained with."""
 
@@ -54,7 +59,8 @@ class PretrainingHeads(nn.Module):
         self.dropout = nn.Dropout(0.1)  # fixed in the official heads
 
     def forward(self, text_sequence, region_sequence, text_pooled, region_pooled, region_mask,
-                masked_lm_labels=None, masked_regions=None, region_targets=None, alignment_labels=None):
+                masked_lm_labels=None, masked_regions=None, region_targets=None, alignment_labels=None,
+                masked_lm_positions=None):
         alignment_logits = self.alignment(self.dropout(fuse(text_pooled, region_pooled, self.config.fusion_method)))
         region_logits = self.region(region_sequence)
         out = dict(alignment_logits=alignment_logits, region_logits=region_logits)
@@ -62,9 +68,11 @@ class PretrainingHeads(nn.Module):
             out["text_logits"] = self.mlm(text_sequence)
         else:
             # Project to the vocabulary only where there is a target: a fraction of the cost.
-            selected = masked_lm_labels != losses.IGNORE_INDEX
-            out["masked_lm_logits"] = self.mlm(text_sequence[selected])
-            out["mlm_loss"] = losses.masked_lm_loss(out["masked_lm_logits"], masked_lm_labels[selected])
+            if masked_lm_positions is None:
+                masked_lm_positions = labelled_positions(masked_lm_labels)
+            out["masked_lm_logits"] = self.mlm(text_sequence.flatten(0, 1)[masked_lm_positions])
+            out["mlm_loss"] = losses.masked_lm_loss(out["masked_lm_logits"],
+                                                    masked_lm_labels.flatten()[masked_lm_positions])
         if masked_regions is not None and region_targets is not None:
             out["region_loss"] = self.region_loss(region_logits, region_targets, masked_regions.bool(), region_mask)
         if alignment_labels is not None:

@@ -84,16 +84,19 @@ class ViLBERTForPretraining(ViLBERTPreTrainedModel):
 
     def forward(self, input_ids, region_features, region_locations, token_type_ids=None, attention_mask=None,
                 region_mask=None, masked_lm_labels=None, masked_regions=None, region_targets=None,
-                alignment_labels=None, output_attentions: bool = False) -> ViLBERTPretrainingOutput:
+                alignment_labels=None, masked_lm_positions=None,
+                output_attentions: bool = False) -> ViLBERTPretrainingOutput:
         """Labels: masked_lm_labels [B, T] token ids (IGNORE_INDEX elsewhere); masked_regions
         [B, R] bool; region_targets [B, R, v_target_size] (detector class distribution for the
-        KL objective, original features for regression/NCE); alignment_labels [B] (0 = aligned)."""
+        KL objective, original features for regression/NCE); alignment_labels [B] (0 = aligned).
+        masked_lm_positions [N]: optional flat indices into B*T of the labelled tokens, in order;
+        given (the collator computes them on the host), the GPU never has to tell the host N."""
         out = self.vilbert(input_ids, region_features, region_locations, token_type_ids, attention_mask,
                            region_mask, output_attentions)
         if region_mask is None:
             region_mask = _all_real(region_features)
         heads = self.heads(out.text_sequence, out.region_sequence, out.text_pooled, out.region_pooled, region_mask,
-                           masked_lm_labels, masked_regions, region_targets, alignment_labels)
+                           masked_lm_labels, masked_regions, region_targets, alignment_labels, masked_lm_positions)
         return ViLBERTPretrainingOutput(**heads, **out)
 
 

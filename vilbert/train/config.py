@@ -70,6 +70,7 @@ class TrainConfig:
     output_dir: str = "runs/pretrain"
     seed: int = 0
     deepspeed: str = "deepspeed_configs/zero2_bf16.json"
+    bf16_fallback: bool = True  # a bf16 file on hardware without native bf16 trains in fp32 (vilbert.train.precision)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import defaultdict
 from itertools import islice
 from pathlib import Path
 
@@ -28,6 +27,9 @@ from vilbert.train.distributed import init_distributed, slurm_job
 from vilbert.train.evaluate import evaluate
 from vilbert.train.interrupt import TrainingInterrupted, stop_request
 from vilbert.train.optim import build_optimizer, retarget_schedule, warmup_linear_decay
+from vilbert.train.precision import float_dtype, resolve_precision
+from vilbert.train.step_metrics import StepMetrics
+from vilbert.train.threads import set_intra_op_threads
 from vilbert.train.tracking import Tracker, git_commit
 
 log = logging.getLogger(__name__)
@@ -49,29 +51,14 @@ def build_model(config: TrainConfig, feature_dim: int, num_classes: int):
     return model
 
 
-def _float_dtype(ds_config: dict) -> torch.dtype:
-    if ds_config.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds_config.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32
-
-
-def _mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return dict(zip(values, (tensor / dist.get_world_size()).tolist()))
-
-
-def _unreported_grad_norm(engine) -> float:
+def _unreported_grad_norm(engine) -> torch.Tensor | float:
     """The gradient norm where DeepSpeed does not report one (ZeRO 0 in fp32), before the
-    step clears the gradients; NaN where DeepSpeed reports it (ZeRO partitions the grads)."""
+    step clears the gradients (left on the device); NaN where DeepSpeed reports it (ZeRO
+    partitions the grads)."""
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     if engine.zero_optimization_stage() > 0 or not grads:
         return float("nan")
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 def _data(data_config, env, seed_offset: int, visual_target: int, data_factory):
@@ -104,6 +91,7 @@ def pretrain(config: TrainConfig, resume: str = "none", overwrite: bool = False,
 
 def _pretrain(config: TrainConfig, resume: str, overwrite: bool, data_factory) -> dict[str, float]:
     env, device_type = init_distributed()
+    set_intra_op_threads(config.data.workers if data_factory is None else 0)
     import deepspeed
 
     from vilbert.data.pipeline import shard_index
@@ -116,11 +104,13 @@ def _pretrain(config: TrainConfig, resume: str, overwrite: bool, data_factory) -
     index = shard_index(config.data) if data_factory is None else None
     model = build_model(config, *(index.feature_dim, index.num_classes) if index else
                         (config.model.overrides["v_feature_size"], config.model.overrides["v_target_size"]))
-    ds_config = deepspeed_config(config, env.world_size)
+    ds_config = resolve_precision(deepspeed_config(config, env.world_size), device_type, config.bf16_fallback)
     optimizer = build_optimizer(model, config.optim)
     scheduler = warmup_linear_decay(optimizer, config.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, lr_scheduler=scheduler)
-    dtype, accumulation = _float_dtype(ds_config), engine.gradient_accumulation_steps()
+    if env.world_size == 1 and engine.zero_optimization_stage() == 0:
+        engine.enable_backward_allreduce = False  # else it flattens, "all-reduces" and copies back every gradient
+    dtype, accumulation = float_dtype(ds_config), engine.gradient_accumulation_steps()
     control = _control_group(device_type)
 
     checkpoints = config.checkpoint_dir
@@ -157,6 +147,7 @@ def _pretrain(config: TrainConfig, resume: str, overwrite: bool, data_factory) -
         tracker.commit()
 
     metrics: dict[str, float] = {}
+    meter = StepMetrics(engine.device, accumulation)
     saved_step = state["step"]
     progress = tqdm(total=config.optim.steps, initial=state["step"], disable=not env.is_main, desc="pretraining",
                     unit="step", dynamic_ncols=True)
@@ -167,44 +158,37 @@ def _pretrain(config: TrainConfig, resume: str, overwrite: bool, data_factory) -
                 if state["step"] > saved_step:
                     save()
                 raise TrainingInterrupted(stop_request.reason, stop_request.signum, state["step"])
-            started, waited, sums, tokens = time.perf_counter(), 0.0, defaultdict(float), 0
-            for _ in range(accumulation):
-                fetch = time.perf_counter()
-                batch = next(batches).to(engine.device)
-                waited += time.perf_counter() - fetch
-                out = engine(**batch.model_inputs(dtype))
-                engine.backward(out.loss)
-                if engine.is_gradient_accumulation_boundary():
-                    own_grad_norm = _unreported_grad_norm(engine)
-                engine.step()
-                for name in ("loss", "mlm_loss", "region_loss", "alignment_loss"):
-                    sums[name] += out[name].item() / accumulation
-                sums["alignment_accuracy"] += (out.alignment_logits.argmax(-1) == batch.alignment_labels
-                                               ).float().mean().item() / accumulation
-                tokens += int(batch.attention_mask.sum())
-            elapsed = time.perf_counter() - started
-            state["step"] += 1
-            state["samples"] += config.optim.global_batch_size
-            step = state["step"]
-            metrics = {f"train/{k}": v for k, v in _mean_over_ranks(dict(sums), engine.device).items()}
-            grad_norm = engine.get_global_grad_norm()
-            metrics.update({"train/lr": engine.get_lr()[0],
-                            "train/grad_norm": float(grad_norm) if grad_norm is not None else own_grad_norm,
-                            "train/samples_per_s": config.optim.global_batch_size / elapsed,
-                            "train/tokens_per_s": tokens * env.world_size / elapsed,
-                            "train/data_wait_fraction": waited / elapsed, "train/samples_seen": state["samples"]})
-            if ds_config.get("fp16", {}).get("enabled"):  # ZeRO and plain fp16 optimizers name it differently
-                scale = getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", None))
-                metrics["train/loss_scale"] = float(scale) if scale is not None else float("nan")
+            step = state["step"] + 1
             evaluated = held_out is not None and (
                 step == config.optim.steps or (config.eval.every_steps and step % config.eval.every_steps == 0))
-            if evaluated:
-                metrics.update(evaluate(engine, held_out, dtype))
-            if evaluated or step % config.tracking.log_every == 0 or step == config.optim.steps:
+            logged = evaluated or step % config.tracking.log_every == 0 or step == config.optim.steps
+            meter.start_step()
+            for _ in range(accumulation):
+                fetch = time.perf_counter()
+                batch = next(batches)
+                meter.count(len(batch), batch.real_tokens, time.perf_counter() - fetch)
+                batch = batch.to(engine.device)
+                out = engine(**batch.model_inputs(dtype))
+                engine.backward(out.loss)
+                if logged and engine.is_gradient_accumulation_boundary():
+                    own_grad_norm = _unreported_grad_norm(engine)
+                engine.step()
+                meter.add(out, batch.alignment_labels)
+            state["step"], state["samples"] = step, state["samples"] + config.optim.global_batch_size
+            if logged:  # the only host-device synchronisation of the loop
+                metrics = meter.read(env.world_size)
+                grad_norm = engine.get_global_grad_norm()
+                metrics.update({"train/lr": engine.get_lr()[0], "train/samples_seen": state["samples"],
+                                "train/grad_norm": float(grad_norm if grad_norm is not None else own_grad_norm)})
+                if ds_config.get("fp16", {}).get("enabled"):  # ZeRO and plain fp16 optimizers name it differently
+                    scale = getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", None))
+                    metrics["train/loss_scale"] = float(scale) if scale is not None else float("nan")
+                if evaluated:
+                    metrics.update(evaluate(engine, held_out, dtype))
                 tracker.log_metrics(metrics, step)
+                progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
+                                     samples_s=f"{metrics['train/samples_per_s']:.1f}")
             progress.update(1)
-            progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
-                                 samples_s=f"{metrics['train/samples_per_s']:.1f}")
             if step % config.checkpoint.every_steps == 0 or step == config.optim.steps:
                 save()
                 saved_step = step

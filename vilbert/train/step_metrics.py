@@ -1,0 +1,59 @@
+"""Training metrics that stay on the device until a logging step reads them.
+
+A `.item()` per loss per micro batch makes the host wait for the device each time, so a
+GPU step can never run ahead of Python. Here every micro batch adds its losses and alignment
+accuracy to one float64 tensor on the device; a logging step reads it once (after the mean
+over ranks), and the numbers are the same, bit for bit, as reading each value on the host
+and summing there in Python floats.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+LOSSES = ("loss", "mlm_loss", "region_loss", "alignment_loss")
+NAMES = (*LOSSES, "alignment_accuracy")
+
+
+class StepMetrics:
+    """Sums over the micro batches of one optimizer step, each divided by the accumulation
+    steps (so the sum is the step's mean), plus counters of the logging window: the training
+    steps since the last read (evaluations and checkpoints in between are not counted)."""
+
+    def __init__(self, device, accumulation: int):
+        self.device, self.accumulation = device, accumulation
+        self.sums = torch.zeros(len(NAMES), dtype=torch.float64, device=device)
+        self.new_window = True
+
+    def start_step(self) -> None:
+        self.sums.zero_()
+        if self.new_window:
+            self.window_start, self.samples, self.tokens, self.waited = time.perf_counter(), 0, 0, 0.0
+            self.new_window = False
+
+    def add(self, out, alignment_labels: torch.Tensor) -> None:
+        accuracy = (out.alignment_logits.detach().argmax(-1) == alignment_labels).float().mean()
+        values = torch.stack([*(out[name].detach().float() for name in LOSSES), accuracy])
+        self.sums += values.double() / self.accumulation
+
+    def count(self, samples: int, tokens: int, waited: float) -> None:
+        """Host-side counters: samples and real tokens fed, seconds spent waiting for data."""
+        self.samples, self.tokens, self.waited = self.samples + samples, self.tokens + tokens, self.waited + waited
+
+    def read(self, world_size: int) -> dict[str, float]:
+        """The step's metrics averaged over ranks (a collective), and the window's rates; the
+        one place that waits for the device. The next step starts a new window."""
+        sums = self.sums.clone()
+        if world_size > 1:
+            dist.all_reduce(sums)
+            sums /= world_size
+        metrics = {f"train/{name}": value for name, value in zip(NAMES, sums.tolist())}
+        elapsed = time.perf_counter() - self.window_start
+        metrics.update({"train/samples_per_s": self.samples * world_size / elapsed,
+                        "train/tokens_per_s": self.tokens * world_size / elapsed,
+                        "train/data_wait_fraction": self.waited / elapsed})
+        self.new_window = True
+        return metrics

@@ -1,0 +1,42 @@
+"""How many threads torch's CPU kernels may use: the cores this process may actually run on.
+
+torch defaults to every core of the machine. Under a scheduler or beside other ranks that
+oversubscribes the cores, and an OpenMP team whose thread lost its core stalls at every
+barrier, so a step can slow far more than the share it lost. The cores are those of the
+process's CPU affinity, shared among the ranks on this node, capped by OMP_NUM_THREADS and
+SLURM_CPUS_PER_TASK, less one per data-loader worker (each runs on a core of its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+LIMITS = ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK")  # environment variables that cap the cores
+
+
+def usable_cores(env=os.environ) -> tuple[int, str]:
+    """The cores this process may use, and how that was decided (for the log)."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks = max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1))
+    cores, reasons = max(1, affinity // ranks), [f"affinity {affinity}" + (f" / {ranks} local ranks" if ranks > 1
+                                                                          else "")]
+    for name in LIMITS:
+        value = env.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            cores = min(cores, int(value))
+            reasons.append(f"{name}={value}")
+    return cores, ", ".join(reasons)
+
+
+def set_intra_op_threads(data_workers: int, env=os.environ) -> int:
+    """Set torch's intra-op threads to the usable cores minus the data workers (at least 1)."""
+    cores, how = usable_cores(env)
+    threads = max(1, cores - data_workers)
+    torch.set_num_threads(threads)
+    log.info("torch intra-op threads: %d (%d usable cores: %s; minus %d data workers)", threads, cores, how,
+             data_workers)
+    return threads
