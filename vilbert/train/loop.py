@@ -5,7 +5,8 @@
         stop here (checkpoint, exit) if any rank was signalled
         for each micro batch (gradient accumulation):
             batch = next(data); out = model(batch); engine.backward(out.loss); engine.step()
-        log metrics (rank 0); evaluate every M steps
+            add the losses to sums kept on the device (no wait for the device here)
+        every log_every steps: read the sums, log metrics (rank 0); evaluate every M steps
         checkpoint every N steps (all ranks), then hand the covered metrics to MLflow
 """
 
