@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-LOSSES = ("loss", "mlm_loss", "region_loss", "alignment_loss")
+from vilbert.train.step_metrics import LOSSES
 
 
 @torch.no_grad()
