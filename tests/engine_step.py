@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import synthetic_batch  # noqa: E402
+from helpers import synthetic_batch, tiny_run_config  # noqa: E402
 from vilbert import ViLBERTForPretraining  # noqa: E402
-from vilbert.train import load_config, pretrain  # noqa: E402
+from vilbert.train import pretrain  # noqa: E402
 from vilbert.train.step_metrics import StepMetrics  # noqa: E402
 from vilbert.train.tracking import read_metrics  # noqa: E402
 
@@ -33,12 +33,8 @@ def data_factory(rank, world_size, seed_offset):
 
 
 def config(root: Path, name: str, deepspeed: str, *overrides):
-    return load_config(None, [
-        f"output_dir={root / name}", f"deepspeed={Path(__file__).parent.parent}/deepspeed_configs/{deepspeed}",
-        "model.preset=tiny", "model.overrides.vocab_size=30522", f"model.overrides.v_feature_size={FEATURES}",
-        f"model.overrides.v_target_size={CLASSES}", "data.batch_size=4", "optim.global_batch_size=8",
-        f"optim.steps={STEPS}", "optim.lr=1e-3", "tracking.enabled=false", f"checkpoint.every_steps={STEPS}",
-        *overrides])
+    return tiny_run_config(root / name, deepspeed, features=FEATURES, classes=CLASSES, micro=4, global_batch=8,
+                           steps=STEPS, overrides=overrides)
 
 
 def record_host_reads():

@@ -31,6 +31,20 @@ def train_config(tmp_path, toy_world, **sections) -> Path:
     return path
 
 
+def tiny_run_config(output_dir, deepspeed_file: str, *, features: int, classes: int, micro: int, global_batch: int,
+                    steps: int, overrides=()):
+    """The config of an in-process `pretrain` of the tiny model on `synthetic_batch`es (fed
+    through `data_factory`): no MLflow, one checkpoint at the end; `overrides` add to it."""
+    from vilbert.train import load_config
+
+    return load_config(None, [
+        f"output_dir={output_dir}", f"deepspeed={ROOT / 'deepspeed_configs' / deepspeed_file}",
+        "model.preset=tiny", "model.overrides.vocab_size=30522", f"model.overrides.v_feature_size={features}",
+        f"model.overrides.v_target_size={classes}", f"data.batch_size={micro}",
+        f"optim.global_batch_size={global_batch}", f"optim.steps={steps}", "optim.lr=1e-3", "tracking.enabled=false",
+        f"checkpoint.every_steps={steps}", *overrides])
+
+
 def make_inputs(config: ViLBERTConfig, batch=3, tokens=9, regions=6, generator_seed=0):
     """Random model inputs with some padding in both streams (the first sample unpadded)."""
     g = torch.Generator().manual_seed(generator_seed)

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import synthetic_batch  # noqa: E402
+from helpers import synthetic_batch, tiny_run_config  # noqa: E402
 from vilbert import ViLBERTForPretraining  # noqa: E402
-from vilbert.train import load_config, pretrain  # noqa: E402
+from vilbert.train import pretrain  # noqa: E402
 
 GLOBAL_BATCH, MICRO, STEPS, FEATURES, CLASSES = 8, 4, 4, 12, 7
 
@@ -55,14 +55,12 @@ def main(out_path: str) -> None:
     root = Path(out_path).parent / "runs"  # shared by the ranks
     results = {}
     for stage in (0, 1, 2, 3):
-        config = load_config(None, [
-            f"output_dir={root}/zero{stage}", f"deepspeed={Path(__file__).parent.parent}/deepspeed_configs/"
-            f"zero{stage}_fp32.json", "model.preset=tiny", "model.overrides.vocab_size=30522",
-            f"model.overrides.v_feature_size={FEATURES}", f"model.overrides.v_target_size={CLASSES}",
-            "model.overrides.hidden_dropout_prob=0.0", "model.overrides.attention_probs_dropout_prob=0.0",
-            "model.overrides.v_hidden_dropout_prob=0.0", "model.overrides.v_attention_probs_dropout_prob=0.0",
-            f"data.batch_size={MICRO}", f"optim.global_batch_size={GLOBAL_BATCH}", f"optim.steps={STEPS}",
-            "optim.lr=1e-3", "tracking.enabled=false", "tracking.log_every=1", f"checkpoint.every_steps={STEPS}"])
+        config = tiny_run_config(
+            root / f"zero{stage}", f"zero{stage}_fp32.json", features=FEATURES, classes=CLASSES, micro=MICRO,
+            global_batch=GLOBAL_BATCH, steps=STEPS, overrides=[
+                "model.overrides.hidden_dropout_prob=0.0", "model.overrides.attention_probs_dropout_prob=0.0",
+                "model.overrides.v_hidden_dropout_prob=0.0", "model.overrides.v_attention_probs_dropout_prob=0.0",
+                "tracking.log_every=1"])
         pretrain(config, data_factory=data_factory)
         import torch.distributed as dist
 

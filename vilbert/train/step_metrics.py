@@ -24,7 +24,7 @@ class StepMetrics:
     steps since the last read (evaluations and checkpoints in between are not counted)."""
 
     def __init__(self, device, accumulation: int):
-        self.device, self.accumulation = device, accumulation
+        self.accumulation = accumulation
         self.sums = torch.zeros(len(NAMES), dtype=torch.float64, device=device)
         self.new_window = True
 
