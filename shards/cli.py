@@ -61,6 +61,54 @@ def _toyworld(args) -> int:
     return 0
 
 
+def _named_files(values: list[str], flag: str) -> dict[str, str]:
+    named = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"{flag} takes SPLIT=FILE (e.g. train=v2_OpenEnded_mscoco_train2014_questions.json), "
+                             f"got {value!r}")
+        named[name] = path
+    return named
+
+
+def _print_task_sets(report: dict[str, dict], out) -> None:
+    for name, r in report.items():
+        missing = f"; {r['images_without_features']} images without features left out" \
+            if r["images_without_features"] else ""
+        print(f"{name}: {r['questions']} questions on {r['images']} images, {r['bytes'] / 1e6:.1f} MB "
+              f"({r['bytes_per_question'] / 1e3:.1f} kB per question){missing} -> {out}/{name}")
+
+
+def _vqa(args) -> int:
+    from shards.sources import FeatureFolderSource, TsvSource, select_boxes
+    from shards.vqa import read_questions, write_vqa_sets
+
+    questions, annotations = _named_files(args.questions, "--questions"), _named_files(args.annotations,
+                                                                                        "--annotations")
+    unknown = set(annotations) - set(questions)
+    if unknown:
+        raise SystemExit(f"--annotations for {sorted(unknown)} without --questions for them")
+    splits = {name: read_questions(path, annotations.get(name)) for name, path in questions.items()}
+    source = TsvSource(args.tsv) if args.tsv else FeatureFolderSource(args.features_dir, args.allow_pickle)
+    low, high = args.keep_boxes
+    report = write_vqa_sets(splits, source, args.out, _options(args), minival=args.minival,
+                            min_answer_count=args.min_answer_count,
+                            prepare=lambda record: select_boxes(record, low, high, args.conf_threshold),
+                            max_regions=high, source_name=" ".join(args.tsv) if args.tsv else str(args.features_dir))
+    _print_task_sets(report, args.out)
+    return 0
+
+
+def _toyvqa(args) -> int:
+    from shards.toyvqa import write_toy_vqa
+
+    report = write_toy_vqa(args.out, args.images, args.val_images, seed=args.seed, feature_dim=args.feature_dim,
+                           options=_options(args))
+    _print_task_sets(report, args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shards", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +140,35 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--workers", type=int, default=2, help="processes generating shards")
     _add_shard_options(toy)
     toy.set_defaults(run=_toyworld)
+
+    vqa = commands.add_parser(
+        "vqa", help="build VQA 2.0 task shards from the official questions/annotations and detector features",
+        description="One sample per image (features once, all its questions in meta). With train and val given, "
+                    "writes the paper's trainval (train + val minus minival) and minival; test splits (questions "
+                    "only) become sets of their own. The answer vocabulary comes from the train+val annotations.")
+    vqa.add_argument("--questions", nargs="+", required=True, metavar="SPLIT=FILE",
+                     help="e.g. train=v2_OpenEnded_mscoco_train2014_questions.json val=... test-dev=...")
+    vqa.add_argument("--annotations", nargs="*", default=[], metavar="SPLIT=FILE",
+                     help="e.g. train=v2_mscoco_train2014_annotations.json val=...")
+    features = vqa.add_mutually_exclusive_group(required=True)
+    features.add_argument("--tsv", nargs="+", help="bottom-up-attention TSV files of the COCO images")
+    features.add_argument("--features-dir", help="folder of per-image .npz/.npy files")
+    vqa.add_argument("--allow-pickle", action="store_true", help="as for `write`")
+    vqa.add_argument("--out", required=True)
+    vqa.add_argument("--minival", type=int, default=3000, help="val questions held out as minival (0: none)")
+    vqa.add_argument("--min-answer-count", type=int, default=9, help="questions an answer must be the answer of")
+    vqa.add_argument("--keep-boxes", nargs=2, type=int, default=(10, 100), metavar=("MIN", "MAX"))
+    vqa.add_argument("--conf-threshold", type=float, default=0.2)
+    _add_shard_options(vqa)
+    vqa.set_defaults(run=_vqa)
+
+    toyvqa = commands.add_parser("toyvqa", help="generate toy-world VQA task shards (train/ and val/)")
+    toyvqa.add_argument("--out", required=True)
+    toyvqa.add_argument("--images", type=int, default=4000, help="training images (5 questions each)")
+    toyvqa.add_argument("--val-images", type=int, default=500)
+    toyvqa.add_argument("--feature-dim", type=int, default=2048, help="as the toy world it goes with")
+    _add_shard_options(toyvqa)
+    toyvqa.set_defaults(run=_toyvqa, samples_per_shard=250)
     return parser
 
 

@@ -34,8 +34,8 @@ def engine_vs_export(config):
 
     from vilbert.train import checkpoint
     from vilbert.train.config import deepspeed_config
-    from vilbert.train.loop import build_model
     from vilbert.train.optim import build_optimizer
+    from vilbert.train.pretraining import build_model
 
     model = build_model(config, FEATURES, CLASSES)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, config.optim),

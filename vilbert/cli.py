@@ -41,6 +41,47 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_config(args: argparse.Namespace):
+    from vilbert.train import load_config
+
+    config = load_config(args.config, args.overrides)
+    if config.task.get("name", args.task) != args.task:
+        raise ValueError(f"--task {args.task} but the config's task.name is {config.task['name']!r}")
+    config.task = {"name": args.task, **config.task}
+    return config
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    import os
+
+    from vilbert.train.loop import finetune
+
+    config = _finetune_config(args)
+    metrics = finetune(config, resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    best = {k.removeprefix("best/"): v for k, v in metrics.items() if k.startswith("best/") and k != "best/step"}
+    for name, value in best.items():
+        print(f"\nbest {name}: {value:.4f} at step {int(metrics['best/step'])}")
+    print(f"model (the best checkpoint): {config.output_dir}/model; metrics: {config.output_dir}/metrics.jsonl\n"
+          f"evaluate it with: vilbert evaluate --task {args.task} --checkpoint {config.output_dir} --split val")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import os
+
+    from vilbert.train.finetuning import evaluate_run
+
+    metrics = evaluate_run(args.checkpoint, args.split, args.out, args.tag, args.overrides)
+    if os.environ.get("RANK", "0") == "0":
+        for name, value in metrics.items():
+            print(f"{args.split} {name}: {value:.4f}")
+        if not metrics:
+            print(f"{args.split} has no answers: predictions written for the evaluation server")
+    return 0
+
+
 def _check_pretrain(args: argparse.Namespace) -> None:
     """What can be checked before a job waits in a queue: the config, and the output directory."""
     from vilbert.train import load_config
@@ -49,12 +90,43 @@ def _check_pretrain(args: argparse.Namespace) -> None:
     plan(load_config(args.config, args.overrides), args.resume, args.overwrite)
 
 
+def _check_finetune(args: argparse.Namespace) -> None:
+    from vilbert.tasks import task_class
+    from vilbert.train.run_dir import plan
+
+    config = _finetune_config(args)
+    task_class(args.task)
+    plan(config, args.resume, args.overwrite)
+
+
 def _export(args: argparse.Namespace) -> int:
     from vilbert.train.checkpoint import export
 
     export(args.checkpoint_dir, args.out_dir, args.tag)
     print(f"wrote {args.out_dir}")
     return 0
+
+
+def _check_evaluate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from vilbert.tasks import task_class
+
+    task_class(args.task)
+    if not (Path(args.checkpoint) / "config.yaml").exists():
+        raise FileNotFoundError(f"{args.checkpoint} is not a fine-tuning output directory (no config.yaml)")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="training YAML (see configs/)")
+    parser.add_argument("--resume", default="none",
+                        help="'auto': continue the output directory's run from its newest complete checkpoint "
+                             "(its metrics and MLflow run too); a tag (stepNNNNNNNN); or 'none' (default), which "
+                             "refuses a directory that already holds a run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run held in the output directory (checkpoints, metrics, exported model) "
+                             "and start again")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,16 +152,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain on a shard set with DeepSpeed. Settings come from a YAML file and dotted "
                     "key=value overrides, e.g. optim.lr=5e-5 data.batch_size=16 deepspeed=deepspeed_configs/"
                     "zero3_bf16.json. The resolved config is saved beside the checkpoints.")
-    pretrain.add_argument("--config", help="training YAML (see configs/)")
-    pretrain.add_argument("--resume", default="none",
-                          help="'auto': continue the output directory's run from its newest complete checkpoint "
-                               "(its metrics and MLflow run too); a tag (stepNNNNNNNN); or 'none' (default), which "
-                               "refuses a directory that already holds a run")
-    pretrain.add_argument("--overwrite", action="store_true",
-                          help="delete the run held in the output directory (checkpoints, metrics, exported model) "
-                               "and start again")
-    pretrain.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_run_arguments(pretrain)
     pretrain.set_defaults(run=_pretrain, check=_check_pretrain, launchable=True)
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune on a task (any launcher); keeps the best validated checkpoint",
+        description="Fine-tune ViLBERTForTasks on a task's shards with the pretraining engine (same YAML, "
+                    "overrides, DeepSpeed configs, checkpoints, --resume, MLflow). model.init names the pretrained "
+                    "model (empty: the no-pretraining baseline). Evaluates on eval.shards and exports the best "
+                    "checkpoint to <output_dir>/model.")
+    finetune.add_argument("--task", required=True, help="a module of vilbert/tasks/, e.g. vqa")
+    _add_run_arguments(finetune)
+    finetune.set_defaults(run=_finetune, check=_check_finetune, launchable=True)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate a fine-tuned run on a split; write the server's results JSON",
+        description="Predict every example of a split once (across all ranks under any launcher), report the "
+                    "task's official metric when the split has labels, write the predictions in the evaluation "
+                    "server's format, and add the metrics to the run's MLflow run (test/..., or val/...).")
+    evaluate.add_argument("--task", required=True)
+    evaluate.add_argument("--checkpoint", required=True, help="the fine-tuning output directory")
+    evaluate.add_argument("--split", required=True,
+                          help="'val' (the run's eval.shards), 'train', or a shard set, e.g. data/vqa/test-dev")
+    evaluate.add_argument("--out", help="results JSON (default: <checkpoint>/results-<split>.json)")
+    evaluate.add_argument("--tag", help="a checkpoint tag instead of the best model")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.batch_size=512")
+    evaluate.set_defaults(run=_evaluate, check=_check_evaluate, launchable=True)
 
     export = commands.add_parser("export", help="write a checkpoint as a save_pretrained model (fp32)",
                                  description="Turn a DeepSpeed checkpoint directory (any ZeRO stage) into a "

@@ -79,6 +79,25 @@ def region_locations(boxes: np.ndarray, image_w: float, image_h: float) -> np.nd
     return np.concatenate([scaled, area[:, None]], 1)
 
 
+def lay_out_regions(samples: list[dict], max_regions: int):
+    """The region stream of a batch: IMG token (mean of the regions, whole-image location)
+    first, then up to `max_regions` regions per image, padded to the batch's largest count
+    + 1. Returns features [B, R, F] float16, locations [B, R, 5], region_mask [B, R] and the
+    region counts."""
+    counts = [min(len(s["features"]), max_regions) for s in samples]
+    batch, slots = len(samples), max(counts) + 1
+    features = torch.zeros(batch, slots, samples[0]["features"].shape[1], dtype=torch.float16)
+    locations = torch.zeros(batch, slots, 5)
+    for i, (s, n) in enumerate(zip(samples, counts)):
+        regions = torch.from_numpy(s["features"][:n])
+        features[i, 1:n + 1] = regions
+        features[i, 0] = regions.sum(0, dtype=torch.float32) / n  # IMG token: mean of the regions, before masking
+        locations[i, 1:n + 1] = torch.from_numpy(region_locations(s["boxes"][:n], s["image_w"], s["image_h"]))
+    locations[:, 0] = torch.tensor(IMG_LOCATION)
+    region_mask = (torch.arange(slots) < torch.tensor(counts)[:, None] + 1).long()
+    return features, locations, region_mask, counts
+
+
 class Collator:
     """Builds `Batch`es from samples that carry `caption` and `alignment_label` (chosen
     upstream) next to the decoded arrays. Regions (at most `max_regions` per image) are
@@ -102,24 +121,17 @@ class Collator:
                                             self.tokenizer.vocab_size, self.generator)
 
         kl = self.visual_target == VISUAL_TARGET_KL
-        counts = [min(len(s["features"]), self.max_regions) for s in samples]
-        batch, slots, k = len(samples), max(counts) + 1, self.class_topk
-        features = torch.zeros(batch, slots, samples[0]["features"].shape[1], dtype=torch.float16)
-        locations = torch.zeros(batch, slots, 5)
-        class_index = torch.zeros(batch, slots, k, dtype=torch.int16) if kl else None
-        class_prob = torch.zeros(batch, slots, k, dtype=torch.float16) if kl else None
-        for i, (s, n) in enumerate(zip(samples, counts)):
-            regions = torch.from_numpy(s["features"][:n])
-            features[i, 1:n + 1] = regions
-            features[i, 0] = regions.sum(0, dtype=torch.float32) / n  # IMG token: mean of the regions, before masking
-            locations[i, 1:n + 1] = torch.from_numpy(region_locations(s["boxes"][:n], s["image_w"], s["image_h"]))
-            if kl:
+        features, locations, region_mask, counts = lay_out_regions(samples, self.max_regions)
+        batch, slots, k = features.shape[0], features.shape[1], self.class_topk
+        class_index, class_prob = None, None
+        if kl:
+            class_index = torch.zeros(batch, slots, k, dtype=torch.int16)
+            class_prob = torch.zeros(batch, slots, k, dtype=torch.float16)
+            for i, (s, n) in enumerate(zip(samples, counts)):
                 class_prob[i, 1:n + 1] = torch.from_numpy(s["cls_prob"][:n])
                 # Stored densely (k = all classes) there is no index: class j is column j.
                 class_index[i, 1:n + 1] = torch.from_numpy(s["cls_index"][:n].view(np.int16)) \
                     if "cls_index" in s else torch.arange(k, dtype=torch.int16)
-        locations[:, 0] = torch.tensor(IMG_LOCATION)
-        region_mask = (torch.arange(slots) < torch.tensor(counts)[:, None] + 1).long()
         maskable_regions = region_mask.bool()
         maskable_regions[:, 0] = False  # never the IMG token
         feature_targets = None if kl else features.clone()

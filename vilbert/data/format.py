@@ -18,7 +18,8 @@ offset]. Arrays:
 Decoding is `json.loads` plus `np.frombuffer` views: no pickle anywhere, no copies.
 
 Every shard set has an `index.json` beside its shards: shard names and sample counts,
-feature dim, class count, top-k, source. `select_fraction` picks a reproducible subset
+feature dim, class count, top-k, source, and for a task's shard set the task's own
+metadata (`task`: its name, example count, e.g. VQA's answer vocabulary). `select_fraction` picks a reproducible subset
 of shards for the pretraining data-size ablation (a smaller fraction is always a
 subset of a larger one).
 """
@@ -139,6 +140,7 @@ class ShardIndex:
     max_regions: int = 36
     source: str = ""
     class_names: list[str] = field(default_factory=list)
+    task: dict = field(default_factory=dict)  # task shard sets: name, examples, and e.g. VQA's answer vocabulary
     format: str = INDEX_FORMAT
 
     @property

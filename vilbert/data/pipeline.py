@@ -1,9 +1,12 @@
-"""The pretraining input pipeline, shard URL to `Batch`, in one place.
+"""The input pipeline, shard URL to batch, in one place (pretraining and every task).
 
     shard URLs ──(train: resampled with per-rank/worker seeds | eval: split by rank, then worker)
       └─ read_shard ─ decode + validate (bad samples skipped, counted, rate-limited logs)
-          └─ shuffle buffer (train) ─ caption choice + alignment negatives
-              └─ Collator: tokenise, IMG token + 5-d locations, mask tokens/regions ─ Batch
+          └─ tasks: unpack each image's examples (e.g. its questions; features shared, not copied)
+              └─ shuffle buffer (train)
+                  └─ pretraining: caption choice + alignment negatives
+                      └─ collate: pretraining `Collator` (tokenise, IMG token + 5-d locations,
+                         mask tokens/regions) -> Batch | the task's collate -> TaskBatch
 
 Training streams forever (resampled shards: every rank and worker always has data, whatever
 the shard count); the engine counts steps, and the samples per epoch come from the index.
@@ -98,11 +101,12 @@ def resolve_shards(spec: str, fraction: float = 1.0, seed: int = 0) -> tuple[lis
 class ShardStream(IterableDataset):
     """Batches for one rank; iterate it through a DataLoader with `batch_size=None`."""
 
-    def __init__(self, urls: list[str], collator: Collator, config: DataConfig, *, train: bool, rank: int = 0,
-                 world_size: int = 1, seed_offset: int = 0, feature_dim: int | None = None):
+    def __init__(self, urls: list[str], collator, config: DataConfig, *, train: bool, rank: int = 0,
+                 world_size: int = 1, seed_offset: int = 0, feature_dim: int | None = None, task=None):
         super().__init__()
         self.urls, self.collator, self.config, self.train = urls, collator, config, train
         self.rank, self.world_size, self.seed_offset, self.feature_dim = rank, world_size, seed_offset, feature_dim
+        self.task = task  # None: pretraining (caption pairs); else a `vilbert.tasks.Task` (unpack + collate)
 
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -157,13 +161,18 @@ class ShardStream(IterableDataset):
         worker, _ = self._worker()
         seed = hash((self.config.seed, self.seed_offset, self.rank, worker)) & 0x7FFFFFFF
         rng = random.Random(seed)
-        self.collator.reseed(seed)
+        if hasattr(self.collator, "reseed"):  # the masking generator of pretraining
+            self.collator.reseed(seed)
         guard = BadSampleGuard(self.config.max_bad_fraction)
         samples = self._samples(rng, guard)
+        if self.task is not None:
+            samples = (example for sample in samples for example in self.task.examples(sample))
         if self.train:
             samples = self._shuffled(samples, rng)
+        if self.task is None:
+            samples = self._paired(samples, rng)
         batch = []
-        for sample in self._paired(samples, rng):
+        for sample in samples:
             batch.append(sample)
             if len(batch) == self.config.batch_size:
                 yield self.collator(batch)
@@ -184,13 +193,17 @@ def shard_index(config: DataConfig) -> ShardIndex:
 
 
 def build_loader(config: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1, seed_offset: int = 0,
-                 visual_target: int = VISUAL_TARGET_KL) -> tuple[DataLoader, ShardIndex]:
+                 visual_target: int = VISUAL_TARGET_KL, task=None) -> tuple[DataLoader, ShardIndex]:
+    """Pretraining batches, or with `task` (a `vilbert.tasks.Task`) that task's batches."""
     urls, index = resolve_shards(config.shards, config.fraction if train else 1.0, config.fraction_seed)
     index = index or shard_index(config)  # URLs carry no index
-    collator = Collator(CaptionTokenizer(load_tokenizer(config.tokenizer)), max_regions=index.max_regions,
-                        num_classes=index.num_classes, class_topk=index.class_topk, visual_target=visual_target)
+    if task is not None:
+        collator = task.collate
+    else:
+        collator = Collator(CaptionTokenizer(load_tokenizer(config.tokenizer)), max_regions=index.max_regions,
+                            num_classes=index.num_classes, class_topk=index.class_topk, visual_target=visual_target)
     stream = ShardStream(urls, collator, config, train=train, rank=rank, world_size=world_size,
-                         seed_offset=seed_offset, feature_dim=index.feature_dim)
+                         seed_offset=seed_offset, feature_dim=index.feature_dim, task=task)
     loader = DataLoader(stream, batch_size=None, num_workers=config.workers, persistent_workers=False,
                         prefetch_factor=4 if config.workers else None, worker_init_fn=_leave_stop_signals_to_trainer)
     return loader, index

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 LATEST = "latest"  # the file DeepSpeed itself reads: one line, the tag
+BEST = "best.json"  # fine-tuning: {"tag", "metric", "value", "step"} of the best validated checkpoint
 MODEL_CONFIG = "model_config.json"
 MODEL_CLASS = "model_class.txt"
 CLIENT_KEY = "vilbert"  # our training state inside DeepSpeed's client state: step, samples seen, data seed
@@ -61,8 +62,24 @@ def point_latest(directory: Path, tag: str) -> None:
     os.replace(temporary, directory / LATEST)
 
 
+def read_best(directory: str | Path) -> dict | None:
+    """The best checkpoint's record, if it is still a complete checkpoint."""
+    path = Path(directory) / BEST
+    if not path.exists():
+        return None
+    best = json.loads(path.read_text())
+    return best if best["tag"] in complete_tags(directory) else None
+
+
+def mark_best(directory: str | Path, tag: str, metric: str, value: float, step: int) -> None:
+    """Rank 0: `tag` is now the best checkpoint (retention keeps it)."""
+    temporary = Path(directory) / f".{BEST}.tmp"
+    temporary.write_text(json.dumps({"tag": tag, "metric": metric, "value": value, "step": step}))
+    os.replace(temporary, Path(directory) / BEST)
+
+
 def save(engine, directory: str | Path, state: dict, keep_last: int, is_main: bool) -> str:
-    """Collective: every rank must call it."""
+    """Collective: every rank must call it. Retention keeps the newest `keep_last` and the best."""
     directory, tag = Path(directory), tag_for(state["step"])
     if is_main and (directory / tag).exists():  # a stale save of this step (an interrupted attempt)
         shutil.rmtree(directory / tag)
@@ -72,7 +89,9 @@ def save(engine, directory: str | Path, state: dict, keep_last: int, is_main: bo
     if is_main:
         (directory / tag / MARKER).write_text(json.dumps(state))
         point_latest(directory, tag)
-        done = [t for t in complete_tags(directory) if tag_step(t) <= state["step"]]  # this one is the newest
+        best = read_best(directory)
+        done = [t for t in complete_tags(directory)  # this one is the newest
+                if tag_step(t) <= state["step"] and (best is None or t != best["tag"])]
         for old in done[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(directory / old, ignore_errors=True)
     barrier()
@@ -115,13 +134,13 @@ def fp32_state_dict(directory: str | Path, tag: str) -> dict[str, torch.Tensor]:
 
 def export(directory: str | Path, out_dir: str | Path, tag: str | None = None):
     """Write a checkpoint's model as a `save_pretrained` directory (fp32). Returns the model."""
-    from vilbert import SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining
+    from vilbert import SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
 
     directory = Path(directory)
     tag = tag or resume_tag(directory, "auto")
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    classes = {c.__name__: c for c in (ViLBERTForPretraining, SingleStreamForPretraining)}
+    classes = {c.__name__: c for c in (ViLBERTForPretraining, SingleStreamForPretraining, ViLBERTForTasks)}
     model = classes[(directory / MODEL_CLASS).read_text().strip()](
         ViLBERTConfig.from_json_file(directory / MODEL_CONFIG))
     state = fp32_state_dict(directory, tag)

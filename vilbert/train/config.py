@@ -1,6 +1,8 @@
 """The training configuration: one YAML file, overridable by dotted keys on the command line.
 
-    model:      preset, BERT to start the text stream from, ViLBERTConfig overrides
+    model:      preset, BERT to start the text stream from (or a pretrained model to fine-tune),
+                ViLBERTConfig overrides
+    task:       fine-tuning only: the task's name and its own keys (vilbert/tasks/<name>.py)
     data:       shard set (vilbert.data.DataConfig) and the held-out shards
     optim:      AdamW, the paper's schedule, batch sizes, steps
     deepspeed:  path to a file in deepspeed_configs/ (ZeRO stage x precision)
@@ -25,6 +27,7 @@ from vilbert.data.pipeline import DataConfig
 class ModelConfig:
     preset: str = "small"
     bert: str | None = None  # BERT checkpoint for the text stream: a directory, or "minilm" (the packaged MiniLM-L6)
+    init: str = ""  # fine-tuning: a pretrained model directory (save_pretrained, convert-official); empty: none
     single_stream: bool = False  # the paper's single-stream baseline instead of ViLBERT
     overrides: dict[str, Any] = field(default_factory=dict)  # any ViLBERTConfig field
 
@@ -33,7 +36,8 @@ class ModelConfig:
 class EvalConfig:
     shards: str = ""  # held-out shard set; empty: no evaluation
     every_steps: int = 0  # 0: only at the end
-    max_batches: int = 50  # held-out batches, drawn once: every evaluation sees the same ones
+    every_epochs: float = 0.0  # instead of every_steps: in passes over the training examples
+    max_batches: int = 50  # pretraining: held-out batches, drawn once (fine-tuning evaluates the whole split)
 
 
 @dataclass
@@ -44,6 +48,7 @@ class OptimConfig:
     eps: float = 1e-6
     warmup_fraction: float = 0.1  # linear warmup, then linear decay to 0
     steps: int = 1000  # optimizer steps
+    epochs: float = 0.0  # instead of steps: passes over the training examples (the shard index counts them)
     global_batch_size: int = 512  # samples per optimizer step, all ranks together (micro batch: data.batch_size)
 
 
@@ -72,6 +77,7 @@ class TrainConfig:
     deepspeed: str = "deepspeed_configs/zero2_bf16.json"
     bf16_fallback: bool = True  # a bf16 file on hardware without native bf16 trains in fp32 (vilbert.train.precision)
     model: ModelConfig = field(default_factory=ModelConfig)
+    task: dict[str, Any] = field(default_factory=dict)  # {"name": "vqa", ...the task's options}
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -100,7 +106,8 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(self.to_dict())), sort_keys=False))
 
 
-def _build(cls, values: dict, where: str):
+def build_section(cls, values: dict, where: str):
+    """`cls` (a config dataclass) from YAML values; unknown keys are an error naming them."""
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(values) - set(known)
     if unknown:
@@ -110,7 +117,7 @@ def _build(cls, values: dict, where: str):
     for name, value in values.items():
         default = getattr(defaults, name)
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value or {}, f"{where}{name}.")
+            kwargs[name] = build_section(type(default), value or {}, f"{where}{name}.")
         elif isinstance(default, tuple):
             kwargs[name] = tuple(value)
         elif isinstance(default, float) and isinstance(value, (int, str)):
@@ -136,7 +143,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     tree = yaml.safe_load(Path(path).read_text()) or {} if path else {}
     for assignment in overrides:
         apply_override(tree, assignment)
-    return _build(TrainConfig, tree, "")
+    return build_section(TrainConfig, tree, "")
 
 
 def reconcile_batch_sizes(config: TrainConfig, world_size: int) -> int:

@@ -1,13 +1,19 @@
-"""Pretraining: DeepSpeed engine, the loop, checkpoints and tracking.
+"""The engine: one DeepSpeed loop for pretraining and fine-tuning, with checkpoints and tracking.
+
+What is trained comes from an objective (`pretraining.PretrainingObjective`,
+`finetuning.FinetuningObjective`): the model, the batches, the loss and step metrics, and
+the evaluation. The loop is the same for both:
 
     decide how this start relates to the output directory (fresh, resume, overwrite)
     for each optimizer step:
         stop here (checkpoint, exit) if any rank was signalled
         for each micro batch (gradient accumulation):
-            batch = next(data); out = model(batch); engine.backward(out.loss); engine.step()
-            add the losses to sums kept on the device (no wait for the device here)
+            batch = next(data); loss, metrics = objective.step(engine, batch); engine.backward(loss); engine.step()
+            add the metrics to sums kept on the device (no wait for the device here)
         every log_every steps: read the sums, log metrics (rank 0); evaluate every M steps
-        checkpoint every N steps (all ranks), then hand the covered metrics to MLflow
+        checkpoint every N steps (all ranks) and when the validation metric improved (fine-tuning:
+        that checkpoint becomes `best`), then hand the covered metrics to MLflow
+    export the model (pretraining: the last checkpoint; fine-tuning: the best)
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -25,7 +30,6 @@ from tqdm import tqdm
 from vilbert.train import checkpoint, run_dir
 from vilbert.train.config import TrainConfig, deepspeed_config
 from vilbert.train.distributed import init_distributed, slurm_job
-from vilbert.train.evaluate import evaluate
 from vilbert.train.interrupt import TrainingInterrupted, stop_request
 from vilbert.train.optim import build_optimizer, retarget_schedule, warmup_linear_decay
 from vilbert.train.precision import float_dtype, resolve_precision
@@ -34,22 +38,6 @@ from vilbert.train.threads import set_intra_op_threads
 from vilbert.train.tracking import Tracker, git_commit
 
 log = logging.getLogger(__name__)
-EVAL_SEED_OFFSET = -1  # the held-out batches' stream seed, apart from every training step's
-
-
-def build_model(config: TrainConfig, feature_dim: int, num_classes: int):
-    from vilbert import SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining
-    from vilbert.data.tokenizer import default_vocab
-
-    vil_config = ViLBERTConfig.from_preset(config.model.preset, **{
-        "v_feature_size": feature_dim, "v_target_size": num_classes, **config.model.overrides})
-    model_class = SingleStreamForPretraining if config.model.single_stream else ViLBERTForPretraining
-    if not config.model.bert:
-        return model_class(vil_config)
-    bert = default_vocab() if config.model.bert == "minilm" else config.model.bert
-    model, report = model_class.from_bert(bert, vil_config)
-    log.info("text stream from %s: %d tensors loaded, %d start fresh", bert, len(report.loaded), len(report.missing))
-    return model
 
 
 def _unreported_grad_norm(engine) -> torch.Tensor | float:
@@ -62,21 +50,26 @@ def _unreported_grad_norm(engine) -> torch.Tensor | float:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
-def _data(data_config, env, seed_offset: int, visual_target: int, data_factory):
-    if data_factory is not None:
-        return data_factory(env.rank, env.world_size, seed_offset)
-    from vilbert.data import build_loader
-
-    loader, _ = build_loader(data_config, train=True, rank=env.rank, world_size=env.world_size,
-                             seed_offset=seed_offset, visual_target=visual_target)
-    return iter(loader)
-
-
 def _control_group(device_type: str):
     """A gloo group for the stop flag, so that agreeing on it never waits on a GPU stream."""
     if device_type == "cpu" or not dist.is_initialized() or dist.get_world_size() == 1:
         return None
     return dist.new_group(backend="gloo")
+
+
+def _with_epochs(config: TrainConfig, examples: int) -> TrainConfig:
+    """Steps and the evaluation interval from `optim.epochs` / `eval.every_epochs`, when set."""
+    from vilbert.train.finetuning import steps_for_epochs
+
+    optim, evaluation = config.optim, config.eval
+    if optim.epochs:
+        optim = dataclasses.replace(optim, steps=steps_for_epochs(optim.epochs, examples, optim.global_batch_size))
+        log.info("%g epochs of %d examples at %d per step: %d steps", config.optim.epochs, examples,
+                 optim.global_batch_size, optim.steps)
+    if evaluation.every_epochs:
+        evaluation = dataclasses.replace(evaluation, every_steps=steps_for_epochs(
+            evaluation.every_epochs, examples, optim.global_batch_size))
+    return dataclasses.replace(config, optim=optim, eval=evaluation)
 
 
 def pretrain(config: TrainConfig, resume: str = "none", overwrite: bool = False,
@@ -86,25 +79,38 @@ def pretrain(config: TrainConfig, resume: str = "none", overwrite: bool = False,
     `overwrite`) and `TrainingInterrupted` after a signalled stop and its checkpoint.
     `data_factory(rank, world_size, seed_offset) -> iterator of Batch` replaces the shard
     pipeline (tests use it to feed identical batches to different world sizes)."""
+    from vilbert.train.pretraining import PretrainingObjective
+
+    return train(config, lambda env: PretrainingObjective(config, env, data_factory), resume, overwrite)
+
+
+def finetune(config: TrainConfig, resume: str = "none", overwrite: bool = False) -> dict[str, float]:
+    """Fine-tune on `config.task` (as `pretrain` otherwise); the returned metrics include
+    the best validation metric (`best/...`) and its step."""
+    from vilbert.train.finetuning import FinetuningObjective
+
+    return train(config, lambda env: FinetuningObjective(config, env), resume, overwrite)
+
+
+def train(config: TrainConfig, make_objective, resume: str, overwrite: bool) -> dict[str, float]:
     with stop_request.installed():  # from the start: a signal during set-up stops before the first step
-        return _pretrain(config, resume, overwrite, data_factory)
+        return _train(config, make_objective, resume, overwrite)
 
 
-def _pretrain(config: TrainConfig, resume: str, overwrite: bool, data_factory) -> dict[str, float]:
+def _train(config: TrainConfig, make_objective, resume: str, overwrite: bool) -> dict[str, float]:
     env, device_type = init_distributed()
-    set_intra_op_threads(config.data.workers if data_factory is None else 0)
+    objective = make_objective(env)
+    set_intra_op_threads(objective.data_workers)
     import deepspeed
 
-    from vilbert.data.pipeline import shard_index
-
+    config = _with_epochs(config, objective.examples_per_epoch) if config.optim.epochs or config.eval.every_epochs \
+        else config
     start = run_dir.plan(config, resume, overwrite)  # every rank reads, ...
     if env.is_main:
         run_dir.prepare(config, start, overwrite)  # ... rank 0 writes
     checkpoint.barrier()
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    index = shard_index(config.data) if data_factory is None else None
-    model = build_model(config, *(index.feature_dim, index.num_classes) if index else
-                        (config.model.overrides["v_feature_size"], config.model.overrides["v_target_size"]))
+    model = objective.build_model()
     ds_config = resolve_precision(deepspeed_config(config, env.world_size), device_type, config.bf16_fallback)
     optimizer = build_optimizer(model, config.optim)
     scheduler = warmup_linear_decay(optimizer, config.optim)
@@ -126,6 +132,7 @@ def _pretrain(config: TrainConfig, resume: str, overwrite: bool, data_factory) -
         state = checkpoint.load(engine, checkpoints, start.tag)
         retarget_schedule(scheduler, config.optim.steps, state["step"])
         log.info("resumed from %s/%s at step %d", checkpoints, start.tag, state["step"])
+    best = checkpoint.read_best(checkpoints) if start.tag is not None else None
 
     tracker = Tracker(config.tracking, config.output_dir, enabled=env.is_main)
     tracker.start({**config.flat(), **{f"deepspeed.{k}": v for k, v in ds_config.items()},
@@ -135,22 +142,17 @@ def _pretrain(config: TrainConfig, resume: str, overwrite: bool, data_factory) -
                   run_name=config.tracking.run_name or Path(config.output_dir).name,
                   resumed_step=state["step"] if start.resumed else None,
                   new_run=config.tracking.new_run or start.branched, slurm_job=slurm_job())
-    batches = _data(config.data, env, state["step"], model.config.visual_target, data_factory)
-    held_out = None
-    if config.eval.shards:
-        eval_data = dataclasses.replace(config.data, shards=config.eval.shards, fraction=1.0)
-        # Drawn once and kept (compact, on the host): every evaluation sees the same batches.
-        held_out = list(islice(_data(eval_data, env, EVAL_SEED_OFFSET, model.config.visual_target, None),
-                               config.eval.max_batches))
+    batches = objective.train_batches(state["step"])
+    held_out = objective.held_out()
 
     def save() -> None:
         checkpoint.save(engine, checkpoints, state, config.checkpoint.keep_last, env.is_main)
         tracker.commit()
 
     metrics: dict[str, float] = {}
-    meter = StepMetrics(engine.device, accumulation)
+    meter = StepMetrics(engine.device, accumulation, objective.metric_names)
     saved_step = state["step"]
-    progress = tqdm(total=config.optim.steps, initial=state["step"], disable=not env.is_main, desc="pretraining",
+    progress = tqdm(total=config.optim.steps, initial=state["step"], disable=not env.is_main, desc=objective.name,
                     unit="step", dynamic_ncols=True)
     status = "FAILED"
     try:
@@ -168,14 +170,14 @@ def _pretrain(config: TrainConfig, resume: str, overwrite: bool, data_factory) -
                 fetch = time.perf_counter()
                 batch = next(batches)
                 meter.count(len(batch), batch.real_tokens, time.perf_counter() - fetch)
-                batch = batch.to(engine.device)
-                out = engine(**batch.model_inputs(dtype))
-                engine.backward(out.loss)
+                loss, values = objective.step(engine, batch.to(engine.device), dtype)
+                engine.backward(loss)
                 if logged and engine.is_gradient_accumulation_boundary():
                     own_grad_norm = _unreported_grad_norm(engine)
                 engine.step()
-                meter.add(out, batch.alignment_labels)
+                meter.add(values)
             state["step"], state["samples"] = step, state["samples"] + config.optim.global_batch_size
+            improved = False
             if logged:  # the only host-device synchronisation of the loop
                 metrics = meter.read(env.world_size)
                 grad_norm = engine.get_global_grad_norm()
@@ -185,19 +187,33 @@ def _pretrain(config: TrainConfig, resume: str, overwrite: bool, data_factory) -
                     scale = getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", None))
                     metrics["train/loss_scale"] = float(scale) if scale is not None else float("nan")
                 if evaluated:
-                    metrics.update(evaluate(engine, held_out, dtype))
+                    metrics.update(objective.evaluate(engine, held_out, dtype))
+                    value = metrics.get(objective.best_metric) if objective.best_metric else None
+                    improved = value is not None and (best is None or value > best["value"])
+                    if improved:
+                        best = {"tag": checkpoint.tag_for(step), "metric": objective.best_metric, "value": value,
+                                "step": step}
                 tracker.log_metrics(metrics, step)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
                                      samples_s=f"{metrics['train/samples_per_s']:.1f}")
             progress.update(1)
-            if step % config.checkpoint.every_steps == 0 or step == config.optim.steps:
+            if improved or step % config.checkpoint.every_steps == 0 or step == config.optim.steps:
+                if improved and env.is_main:  # before the save, so that its retention already spares it
+                    checkpoint.mark_best(checkpoints, **best)
                 save()
                 saved_step = step
         if env.is_main:
             model_dir = Path(config.output_dir) / "model"
-            checkpoint.export(checkpoints, model_dir)
+            checkpoint.export(checkpoints, model_dir, best["tag"] if best else None)
             tracker.log_artifacts(Path(config.output_dir) / "config.yaml")
             tracker.log_artifacts(model_dir, "model")
+        if best:
+            summary = {f"best/{best['metric']}": best["value"], "best/step": best["step"]}
+            tracker.log_metrics(summary, state["step"])
+            tracker.commit()
+            metrics.update(summary)
+            log.info("best %s = %.4f at step %d (%s): exported to %s/model", best["metric"], best["value"],
+                     best["step"], best["tag"], config.output_dir)
         status = "FINISHED"
     except TrainingInterrupted:
         status = "KILLED"

@@ -1,8 +1,8 @@
 """Training metrics that stay on the device until a logging step reads them.
 
 A `.item()` per loss per micro batch makes the host wait for the device each time, so a
-GPU step can never run ahead of Python. Here every micro batch adds its losses and alignment
-accuracy to one float64 tensor on the device; a logging step reads it once (after the mean
+GPU step can never run ahead of Python. Here every micro batch adds its metrics (the
+objective's: losses, accuracies) to one float64 tensor on the device; a logging step reads it once (after the mean
 over ranks), and the numbers are the same, bit for bit, as reading each value on the host
 and summing there in Python floats.
 """
@@ -14,18 +14,15 @@ import time
 import torch
 import torch.distributed as dist
 
-LOSSES = ("loss", "mlm_loss", "region_loss", "alignment_loss")
-NAMES = (*LOSSES, "alignment_accuracy")
-
 
 class StepMetrics:
     """Sums over the micro batches of one optimizer step, each divided by the accumulation
     steps (so the sum is the step's mean), plus counters of the logging window: the training
     steps since the last read (evaluations and checkpoints in between are not counted)."""
 
-    def __init__(self, device, accumulation: int):
-        self.accumulation = accumulation
-        self.sums = torch.zeros(len(NAMES), dtype=torch.float64, device=device)
+    def __init__(self, device, accumulation: int, names: tuple[str, ...]):
+        self.accumulation, self.names = accumulation, names
+        self.sums = torch.zeros(len(names), dtype=torch.float64, device=device)
         self.new_window = True
 
     def start_step(self) -> None:
@@ -34,9 +31,8 @@ class StepMetrics:
             self.window_start, self.samples, self.tokens, self.waited = time.perf_counter(), 0, 0, 0.0
             self.new_window = False
 
-    def add(self, out, alignment_labels: torch.Tensor) -> None:
-        accuracy = (out.alignment_logits.detach().argmax(-1) == alignment_labels).float().mean()
-        values = torch.stack([*(out[name].detach().float() for name in LOSSES), accuracy])
+    def add(self, values: torch.Tensor) -> None:
+        """One micro batch's metrics, [len(names)] detached, on the device."""
         self.sums += values.double() / self.accumulation
 
     def count(self, samples: int, tokens: int, waited: float) -> None:
@@ -50,7 +46,7 @@ class StepMetrics:
         if world_size > 1:
             dist.all_reduce(sums)
             sums /= world_size
-        metrics = {f"train/{name}": value for name, value in zip(NAMES, sums.tolist())}
+        metrics = {f"train/{name}": value for name, value in zip(self.names, sums.tolist())}
         elapsed = time.perf_counter() - self.window_start
         metrics.update({"train/samples_per_s": self.samples * world_size / elapsed,
                         "train/tokens_per_s": self.tokens * world_size / elapsed,

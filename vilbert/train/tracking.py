@@ -185,3 +185,25 @@ class Tracker:
         self._call("end_run", lambda: self._mlflow.end_run(status=status))
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def log_evaluation(output_dir: str | Path, config: TrackingConfig, metrics: dict[str, float], step: int,
+                   tags: dict[str, str]) -> None:
+    """Add an evaluation's metrics and tags to a finished run: to its metrics.jsonl, and to
+    its MLflow run (the one in tracking.json), which MLflow failing never stops."""
+    output_dir = Path(output_dir)
+    with open(output_dir / METRICS_FILE, "a") as jsonl:
+        jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    state = json.loads((output_dir / STATE_FILE).read_text()) if (output_dir / STATE_FILE).exists() else {}
+    if not config.enabled or not state.get("run_id"):
+        return
+    try:
+        import mlflow
+        from mlflow.entities import Metric, RunTag
+
+        at = int(time.time() * 1000)
+        mlflow.MlflowClient(state["uri"]).log_batch(
+            state["run_id"], metrics=[Metric(k, float(v), at, step) for k, v in metrics.items()],
+            tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    except Exception as e:  # the metrics are in metrics.jsonl and printed
+        log.warning("MLflow logging of the evaluation failed (%s: %s)", type(e).__name__, e)

@@ -1,0 +1,114 @@
+"""VQA 2.0 task shards from the public files: the questions and annotations JSON of
+visualqa.org and the images' detector features (bottom-up TSV, or per-image .npz/.npy).
+
+Each sample is one image: its features and boxes once, and every question asked about it
+in `meta["questions"]` (question_id, question, the 10 human answers, answer_type,
+question_type), so a question costs its text and answers, not a copy of the features. The
+pipeline unpacks the questions into examples (`vilbert.tasks.vqa`).
+
+The splits of the paper's recipe (multi-task `vqa_dataset.py`): `trainval` = train + val
+without its last 3,000 questions (by question id), `minival` = those 3,000; test-dev and
+test-std files (questions only) become sets of their own. Every set's index carries the same
+answer vocabulary, built from the train+val annotations (`build_answer_vocabulary`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from shards.build import ShardOptions
+from shards.writer import ShardSetWriter
+from vilbert.data.format import encode_sample
+from vilbert.tasks.vqa import MIN_ANSWER_COUNT, build_answer_vocabulary
+
+MINIVAL_QUESTIONS = 3000
+ANSWERED_SPLITS = ("train", "val")  # the splits whose annotations build the vocabulary
+
+
+def image_key(image_id) -> str:
+    """COCO ids appear as 262145, "262145" or "COCO_train2014_000000262145": the trailing number."""
+    match = re.search(r"(\d+)$", str(image_id))
+    if match is None:
+        raise ValueError(f"image id {image_id!r} ends in no number")
+    return str(int(match.group(1)))
+
+
+def read_questions(questions_path: str | Path, annotations_path: str | Path | None = None) -> list[dict]:
+    """Question records (`question_id`, `image_id`, `question`), joined with their
+    annotation (`answers` as 10 strings, `answer_type`, `question_type`,
+    `multiple_choice_answer`) when an annotations file is given."""
+    questions = json.loads(Path(questions_path).read_text())["questions"]
+    if annotations_path is None:
+        return questions
+    annotations = {a["question_id"]: a for a in json.loads(Path(annotations_path).read_text())["annotations"]}
+    missing = [q["question_id"] for q in questions if q["question_id"] not in annotations]
+    if missing:
+        raise ValueError(f"{annotations_path} has no annotation for {len(missing)} questions of {questions_path} "
+                         f"(e.g. question_id {missing[0]}): are they the same split?")
+    joined = []
+    for q in questions:
+        a = annotations[q["question_id"]]
+        joined.append({**q, "answers": [x["answer"] for x in a["answers"]], "answer_type": a["answer_type"],
+                       "question_type": a["question_type"], "multiple_choice_answer": a["multiple_choice_answer"]})
+    return joined
+
+
+def recipe_sets(splits: dict[str, list[dict]], minival: int = MINIVAL_QUESTIONS) -> dict[str, list[dict]]:
+    """The shard sets to write: with `minival` > 0 and both train and val, `trainval` and
+    `minival` as the paper's recipe; every other split as it is."""
+    sets = dict(splits)
+    if minival > 0 and all(s in splits for s in ANSWERED_SPLITS):
+        val = sorted(sets.pop("val"), key=lambda q: q["question_id"])
+        if minival >= len(val):
+            raise ValueError(f"--minival {minival} leaves no val question for trainval (val has {len(val)})")
+        sets["trainval"] = sets.pop("train") + val[:-minival]
+        sets["minival"] = val[-minival:]
+    return sets
+
+
+def write_vqa_sets(splits: dict[str, list[dict]], source, out: str | Path, options: ShardOptions, *,
+                   minival: int = MINIVAL_QUESTIONS, min_answer_count: int = MIN_ANSWER_COUNT,
+                   prepare=lambda record: record, max_regions: int = 100, source_name: str = "") -> dict[str, dict]:
+    """Write one shard set per recipe set under `out`; `source` has `ids` and `load(id)` (a
+    `shards.sources` reader). Returns per set: questions, images, bytes, and images without
+    features (their questions are left out, and counted)."""
+    answered = [q for name in ANSWERED_SPLITS for q in splits.get(name, [])]
+    if not answered:
+        raise ValueError("the answer vocabulary needs the train and/or val annotations")
+    answers = build_answer_vocabulary(answered, min_answer_count)
+    features_of = {image_key(i): i for i in source.ids}
+    report = {}
+    for name, questions in recipe_sets(splits, minival).items():
+        by_image = defaultdict(list)
+        for q in questions:
+            by_image[image_key(q["image_id"])].append(q)
+        absent = sorted(k for k in by_image if k not in features_of)
+        if len(absent) == len(by_image):
+            raise ValueError(f"{name}: none of its {len(by_image)} images has features in {source_name or 'the source'}"
+                             f" (e.g. image {absent[0]}): are the features for the same images?")
+        kept = [k for k in by_image if k in features_of]
+        writer = ShardSetWriter(Path(out) / name, prefix=options.prefix, max_samples=options.samples_per_shard,
+                                max_bytes=options.max_shard_bytes, feature_dim=0, num_classes=0, class_topk=0,
+                                feature_dtype=options.feature_dtype, max_regions=max_regions,
+                                source=source_name, task={"name": "vqa", "split": name, "answers": answers,
+                                                          "examples": sum(len(by_image[k]) for k in kept)})
+        for key in tqdm(kept, desc=f"VQA {name}", unit="img"):
+            record = prepare(source.load(features_of[key]))
+            writer.index_fields["feature_dim"] = record["features"].shape[1]
+            meta = {"questions": [{k: q[k] for k in ("question_id", "question", "answers", "answer_type",
+                                                     "question_type") if k in q} for q in by_image[key]]}
+            arrays = {"features": record["features"].astype(options.feature_dtype, copy=False),
+                      "boxes": record["boxes"].astype("float32", copy=False)}
+            writer.write(key, encode_sample(key, key, [q["question"] for q in by_image[key]], record["image_w"],
+                                            record["image_h"], arrays, meta))
+        index = writer.close()
+        examples = index.task["examples"]
+        report[name] = {"questions": examples, "images": len(kept), "images_without_features": len(absent),
+                        "bytes": sum(s.bytes for s in index.shards),
+                        "bytes_per_question": sum(s.bytes for s in index.shards) / max(examples, 1)}
+    return report

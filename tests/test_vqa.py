@@ -1,0 +1,161 @@
+"""VQA: the official accuracy, the answer vocabulary and soft targets, and the converter
+from the public VQA files to task shards."""
+
+import json
+
+import numpy as np
+import pytest
+
+from vilbert.tasks.vqa import (
+    build_answer_vocabulary,
+    normalise_answer,
+    process_digit_article,
+    process_punctuation,
+    soft_targets,
+    vqa_accuracy,
+)
+
+
+# --- the leave-one-out average: min(#other humans matching / 3, 1) over the 10 subsets -------
+@pytest.mark.parametrize("humans, expected", [
+    (["red"] * 10, 1.0),
+    (["red"] * 4 + ["blue"] * 6, 1.0),  # 3 or 4 others match in every subset
+    (["red"] * 3 + ["blue"] * 7, 0.9),  # 3 subsets drop a "red": 2 others match (2/3); 7 keep 3 (1)
+    (["red"] * 2 + ["blue"] * 8, 0.6),  # (2 x 1/3 + 8 x 2/3) / 10
+    (["red"] + ["blue"] * 9, 0.3),  # (1 x 0 + 9 x 1/3) / 10
+    (["blue"] * 10, 0.0),
+])
+def test_leave_one_out_average(humans, expected):
+    assert vqa_accuracy(humans, "red") == pytest.approx(expected)
+
+
+# --- the prediction's normalisation, one rule at a time ----------------------------------
+@pytest.mark.parametrize("prediction, normalised", [
+    ("Yes", "yes"),  # lower case
+    ("yes.", "yes"),  # a period not before a digit goes
+    ("3.5", "3.5"),  # a decimal point stays
+    ("1,000", "1000"),  # a comma inside a number goes (and so does every other mark)
+    ("black/white", "black white"),  # a mark between words becomes a space ...
+    ("hi !", "hi"),  # ... and one next to a space goes
+    ("two", "2"),  # number words become digits
+    ("none", "0"),
+    ("the dog", "dog"),  # articles go
+    ("a cat", "cat"),
+    ("dont", "don’t"),  # contractions get their apostrophe (a curly one, as the official table)
+    (" red\tcar\n", "red car"),  # tabs and newlines are spaces; ends stripped
+])
+def test_prediction_normalisation(prediction, normalised):
+    assert process_digit_article(process_punctuation(
+        prediction.replace("\n", " ").replace("\t", " ").strip())) == normalised
+    assert vqa_accuracy([normalised] * 10, prediction) == 1.0
+
+
+def test_human_answers_lose_only_punctuation_and_only_when_they_differ():
+    """The official script's asymmetry: human answers are never digit/article-normalised, and
+    are punctuation-processed only when the ten are not all the same."""
+    assert vqa_accuracy(["two"] * 10, "two") == 0.0  # the prediction becomes "2", the humans stay "two"
+    assert vqa_accuracy(["two"] * 5 + ["2"] * 5, "two") == 1.0  # five humans said "2"
+    assert vqa_accuracy(["black/white"] * 10, "black white") == 0.0  # all equal: left as they are
+    assert vqa_accuracy(["black/white"] * 9 + ["gray"], "black white") == 1.0  # differ: "/" -> " "
+    assert vqa_accuracy(["yes!"] * 9 + ["no"], "yes") == 0.0  # "yes!" -> "yes " (a trailing space stays)
+
+
+def test_answer_vocabulary_counts_questions_per_normalised_answer():
+    annotations = [{"question_id": i, "multiple_choice_answer": a} for i, a in enumerate(
+        ["two", "2", "2", "Yes", "yes", "yes", "no", "no", "cat"])]
+    assert build_answer_vocabulary(annotations, min_count=2) == ["2", "yes", "no"]  # "two" and "2" are one
+    assert build_answer_vocabulary(annotations, min_count=3) == ["2", "yes"]
+
+
+def test_soft_targets_score_the_human_answer_counts():
+    index = {"2": 0, "3": 1, "red": 2, "dog": 3, "yes": 4}
+    humans = ["two", "2", "2", "2", "3", "3", "3", "red", "red", "purple"]  # 4 x "2", 3 x "3", 2 x red, 1 x purple
+    assert dict(soft_targets(humans, index)) == {0: 1.0, 1: 0.9, 2: 0.6}  # purple is not in the vocabulary
+    assert dict(soft_targets(["The dog."] + ["yes"] * 9, index)) == {3: 0.3, 4: 1.0}
+    assert normalise_answer("1,000 Dogs!") == "1000 dogs"
+
+
+# --- the converter --------------------------------------------------------------------------
+def _write_vqa_files(directory, rng):
+    """VQA v2 style files: train (3 images), val (2 images), test-dev (1 image, no
+    annotations), and a folder of per-image .npz features named like COCO files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    features = directory / "features"
+    features.mkdir()
+    splits = {"train": [101, 102, 103], "val": [201, 202], "test-dev": [301]}
+    answers = ["yes", "no", "2", "red"]
+    for split, images in splits.items():
+        questions, annotations = [], []
+        for image in images:
+            n = int(rng.integers(2, 6))
+            np.savez(features / f"COCO_{split}2014_{image:012d}.npz", features=rng.random((n, 8), dtype=np.float32),
+                     bbox=np.tile([1.0, 2.0, 30.0, 40.0], (n, 1)).astype(np.float32), num_boxes=n, image_w=64,
+                     image_h=48)
+            for k in range(3):
+                qid = image * 1000 + k
+                questions.append({"image_id": image, "question": f"question {k} about {image}?", "question_id": qid})
+                humans = [str(rng.choice(answers)) for _ in range(10)]
+                annotations.append({"question_id": qid, "image_id": image, "question_type": "what",
+                                    "answer_type": "other", "multiple_choice_answer": max(humans, key=humans.count),
+                                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
+                                                for j, a in enumerate(humans)]})
+        (directory / f"{split}_questions.json").write_text(json.dumps({"questions": questions}))
+        if split != "test-dev":
+            (directory / f"{split}_annotations.json").write_text(json.dumps({"annotations": annotations}))
+    return features
+
+
+def test_converter_writes_the_recipe_splits_with_features_once_per_image(tmp_path):
+    from shards.cli import main
+    from vilbert.data.format import ShardIndex, read_checked_samples
+
+    raw = tmp_path / "raw"
+    features = _write_vqa_files(raw, np.random.default_rng(0))
+    out = tmp_path / "vqa"
+    assert main(["vqa", "--questions", f"train={raw}/train_questions.json", f"val={raw}/val_questions.json",
+                 f"test-dev={raw}/test-dev_questions.json", "--annotations", f"train={raw}/train_annotations.json",
+                 f"val={raw}/val_annotations.json", "--features-dir", str(features), "--out", str(out),
+                 "--minival", "2", "--min-answer-count", "1", "--keep-boxes", "1", "100"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["minival", "test-dev", "trainval"]
+
+    seen = {}
+    for name in ("trainval", "minival", "test-dev"):
+        index = ShardIndex.read(out / name)
+        samples = [s for shard in index.shards for _, s, _ in read_checked_samples(str(out / name / shard.name))]
+        assert len(samples) == index.num_samples and len({s["key"] for s in samples}) == len(samples)  # once each
+        seen[name] = {q["question_id"]: (s["key"], q) for s in samples for q in s["meta"]["questions"]}
+        assert index.task["examples"] == len(seen[name]) and index.feature_dim == 8
+        assert index.task["answers"] == ShardIndex.read(out / "trainval").task["answers"]  # one vocabulary
+        for s in samples:
+            assert s["captions"] == [q["question"] for q in s["meta"]["questions"]]
+    # minival: the last 2 val questions by id; trainval: train + the other 4 val questions.
+    assert sorted(seen["minival"]) == [202001, 202002]
+    assert sorted(seen["trainval"]) == sorted([i * 1000 + k for i in (101, 102, 103) for k in range(3)]
+                                              + [201000, 201001, 201002, 202000])
+    assert sorted(seen["test-dev"]) == [301000, 301001, 301002] and "answers" not in seen["test-dev"][301000][1]
+    key, question = seen["trainval"][102001]
+    humans = json.loads((raw / "train_annotations.json").read_text())["annotations"][4]
+    assert key == "102" and question["answers"] == [a["answer"] for a in humans["answers"]]
+
+
+def test_pipeline_unpacks_every_question_once(tmp_path):
+    """Held-out streams give each question exactly once; training streams unpack questions
+    through the shuffle buffer, so a batch mixes images."""
+    from shards.toyvqa import write_toy_vqa
+    from vilbert.data import DataConfig, ShardIndex, build_loader
+    from vilbert.tasks.vqa import VQA, VQAOptions
+
+    write_toy_vqa(tmp_path, 40, 12, feature_dim=16)
+    index = ShardIndex.read(tmp_path / "val")
+    task = VQA(VQAOptions(), ShardIndex.read(tmp_path / "train"))
+    loader, _ = build_loader(DataConfig(shards=str(tmp_path / "val"), batch_size=7, workers=0), train=False,
+                             task=task)
+    ids = [e["question_id"] for batch in loader for e in batch.examples]
+    assert len(ids) == len(set(ids)) == index.task["examples"]
+    train, _ = build_loader(DataConfig(shards=str(tmp_path / "train"), batch_size=16, workers=0, shuffle_buffer=100),
+                            train=True, task=task)
+    batch = next(iter(train))
+    assert batch.inputs["region_features"].shape[0] == 16 and batch.targets["scores"].shape == (16, len(task.answers))
+    ids = [e["question_id"] for e in batch.examples]
+    assert ids != list(range(ids[0], ids[0] + 16))  # not one image's questions after the next's, in order
+    assert set(batch.targets["scores"].unique().tolist()) <= {float(np.float32(s)) for s in (0, 0.3, 0.6, 0.9, 1)}

@@ -1,0 +1,228 @@
+"""What fine-tuning trains: `ViLBERTForTasks` on a task's shards (`vilbert.tasks`), starting
+from a pretrained model (`model.init`), or, for the paper's no-pretraining baseline, from
+BERT in the text stream and fresh weights elsewhere. Task heads always start fresh.
+
+Evaluation predicts every example of a split exactly once across ranks (each rank reads its
+own shards), gathers the (example, prediction) records, and scores them with the task's
+official metric; the engine keeps the checkpoint with the best validation metric as `best`.
+`evaluate_run` does the same for a finished run on any split, and writes the predictions
+in the task's evaluation-server format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from vilbert.train.config import TrainConfig, build_section
+
+log = logging.getLogger(__name__)
+
+
+def make_task(config: TrainConfig, index=None):
+    """The configured task (`task.name` + its options in the `task:` section), built on the
+    training shard set's index."""
+    from vilbert.data.pipeline import shard_index
+    from vilbert.tasks import task_class
+
+    options = dict(config.task)
+    name = options.pop("name", "")
+    if not name:
+        raise ValueError("no task: pass --task NAME (or set task.name in the config)")
+    cls = task_class(name)
+    return cls(build_section(cls.options_class, options, "task."), index or shard_index(config.data),
+               config.data.tokenizer)
+
+
+def load_encoder(model, directory: str | Path) -> None:
+    """The two streams and co-attention layers of a pretrained model (`save_pretrained` of
+    pretraining, or `vilbert convert-official` output) into `model.vilbert`; all of them
+    must be there. Heads stay as they are."""
+    from vilbert.convert import read_checkpoint
+
+    state = read_checkpoint(directory)
+    encoder = {k.removeprefix("vilbert."): v for k, v in state.items() if k.startswith("vilbert.")}
+    words = "text_embeddings.word_embeddings.weight"
+    if words not in encoder and "heads.mlm.decoder.weight" in state:  # tied: saved under the decoder's name
+        encoder[words] = state["heads.mlm.decoder.weight"]
+    missing, unexpected = model.vilbert.load_state_dict(encoder, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory} does not fit the model: {len(missing)} encoder tensors missing (e.g. "
+                         f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    log.info("encoder from %s: %d tensors loaded; task heads start fresh", directory, len(encoder))
+
+
+def build_task_model(config: TrainConfig, task, feature_dim: int):
+    from vilbert import ViLBERTConfig, ViLBERTForTasks
+    from vilbert.data.tokenizer import default_vocab
+
+    if config.model.single_stream:
+        raise ValueError("fine-tuning the single-stream baseline is not built yet (model.single_stream=true)")
+    overrides = {**task.model_overrides(), **config.model.overrides}
+    if config.model.init:
+        vil_config = ViLBERTConfig.from_pretrained(config.model.init, **overrides)
+        if vil_config.v_feature_size != feature_dim:
+            raise ValueError(f"model.init={config.model.init} takes {vil_config.v_feature_size}-d region features, "
+                             f"the task shards hold {feature_dim}-d ones")
+        model = ViLBERTForTasks(vil_config)
+        load_encoder(model, config.model.init)
+        return model
+    vil_config = ViLBERTConfig.from_preset(config.model.preset, **{"v_feature_size": feature_dim, **overrides})
+    if not config.model.bert:
+        return ViLBERTForTasks(vil_config)
+    model, report = ViLBERTForTasks.from_bert(default_vocab() if config.model.bert == "minilm" else config.model.bert,
+                                              vil_config)
+    log.info("no pretraining: text stream from BERT (%d tensors), the rest fresh", len(report.loaded))
+    return model
+
+
+def _lockstep(batches, device):
+    """ZeRO-3 forwards are collective, so every rank runs as many as the rank with the most
+    batches: a rank that has run out repeats its last batch, flagged as a repeat."""
+    iterator, last = iter(batches), None
+    while True:
+        batch = next(iterator, None)
+        more = torch.tensor([batch is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        if batch is None and last is None:
+            raise RuntimeError("a rank has no evaluation batch at all: give the split at least as many shards as ranks")
+        last = batch if batch is not None else last
+        yield last, batch is not None
+
+
+@torch.no_grad()
+def predict(model, batches, task, dtype: torch.dtype, device, collective_forward: bool = False,
+            show_progress: bool = False) -> list[tuple[dict, int]]:
+    """(example, prediction) records of every rank (the same list on each), each example
+    once. Predictions stay on the device until the last batch."""
+    model.eval()
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    steps = _lockstep(batches, device) if collective_forward and distributed else ((b, True) for b in batches)
+    predictions, examples = [], []
+    for batch, real in tqdm(steps, desc=f"evaluating {task.name}", unit="batch", disable=not show_progress,
+                            leave=False):
+        out = model(**batch.to(device).model_inputs(dtype))
+        if real:
+            predictions.append(task.predict(out, batch))
+            examples += batch.examples
+    model.train()
+    records = list(zip(examples, torch.cat(predictions).tolist() if predictions else []))
+    if distributed:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, records)
+        records = [record for part in gathered for record in part]
+    return records
+
+
+class FinetuningObjective:
+    def __init__(self, config: TrainConfig, env):
+        from vilbert.data.pipeline import shard_index
+
+        self.config, self.env = config, env
+        self.index = shard_index(config.data)
+        self.task = make_task(config, self.index)
+        self.name = f"fine-tuning {self.task.name}"
+        self.metric_names = ("loss", self.task.train_metric)
+        self.best_metric = f"val/{self.task.val_metric}"
+        if config.eval.shards:
+            self.task.check_split(shard_index(dataclasses.replace(config.data, shards=config.eval.shards)),
+                                  config.eval.shards)
+
+    @property
+    def examples_per_epoch(self) -> int:
+        return self.index.task.get("examples") or self.index.num_samples
+
+    @property
+    def data_workers(self) -> int:
+        return self.config.data.workers
+
+    def build_model(self):
+        return build_task_model(self.config, self.task, self.index.feature_dim)
+
+    def _loader(self, data_config, train: bool, seed_offset: int = 0):
+        from vilbert.data import build_loader
+
+        loader, _ = build_loader(data_config, train=train, rank=self.env.rank, world_size=self.env.world_size,
+                                 seed_offset=seed_offset, task=self.task)
+        return loader
+
+    def train_batches(self, seed_offset: int):
+        return iter(self._loader(self.config.data, True, seed_offset))
+
+    def held_out(self):
+        """The validation split's loader: each evaluation is a fresh pass over all of it."""
+        if not self.config.eval.shards:
+            return None
+        return self._loader(dataclasses.replace(self.config.data, shards=self.config.eval.shards), False)
+
+    def step(self, engine, batch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        out = engine(**batch.model_inputs(dtype))
+        loss, metric = self.task.loss_and_metric(out, batch)
+        return loss, torch.stack([loss.detach().float(), metric.float()])
+
+    def evaluate(self, engine, loader, dtype: torch.dtype) -> dict[str, float]:
+        records = predict(engine, loader, self.task, dtype, engine.device,
+                          collective_forward=engine.zero_optimization_stage() == 3, show_progress=self.env.is_main)
+        return {f"val/{name}": value for name, value in self.task.evaluate(records).items()}
+
+
+def steps_for_epochs(epochs: float, examples: int, global_batch_size: int) -> int:
+    return max(1, math.ceil(epochs * examples / global_batch_size))
+
+
+def evaluate_run(run_dir: str | Path, split: str, out: str | Path | None = None, tag: str | None = None,
+                 overrides: list[str] = ()) -> dict[str, float]:
+    """Evaluate a fine-tuning run's best model (or checkpoint `tag`) on `split`: `val` (the
+    run's validation shards), `train`, or a shard set. Returns the metrics (empty for a
+    split without labels); writes the predictions in the server's format to `out` (default
+    `<run_dir>/results-<split name>.json`) and logs the metrics to the run's MLflow run."""
+    from vilbert import ViLBERTConfig, ViLBERTForTasks
+    from vilbert.data import build_loader
+    from vilbert.data.pipeline import shard_index
+    from vilbert.train import checkpoint
+    from vilbert.train.config import load_config
+    from vilbert.train.distributed import init_distributed
+    from vilbert.train.precision import float_dtype, resolve_precision
+    from vilbert.train.tracking import log_evaluation
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} is not a fine-tuning output directory (no config.yaml)")
+    config = load_config(run_dir / "config.yaml", overrides)
+    env, device_type = init_distributed()
+    device = torch.device("cuda", env.local_rank) if device_type == "cuda" else torch.device("cpu")
+    shards = {"val": config.eval.shards, "train": config.data.shards}.get(split, split)
+    split_name = split if split in ("val", "train") else Path(split.rstrip("/")).name
+    data = dataclasses.replace(config.data, shards=shards, fraction=1.0)
+    task = make_task(config)
+    task.check_split(shard_index(data), shards)
+    if tag is None:
+        model = ViLBERTForTasks.from_pretrained(run_dir / "model")
+    else:
+        model = ViLBERTForTasks(ViLBERTConfig.from_json_file(config.checkpoint_dir / checkpoint.MODEL_CONFIG))
+        model.load_state_dict(checkpoint.fp32_state_dict(config.checkpoint_dir, tag))
+    dtype = float_dtype(resolve_precision(json.loads(Path(config.deepspeed).read_text()), device_type,
+                                          config.bf16_fallback))
+    model.to(device=device, dtype=dtype)
+    loader, _ = build_loader(data, train=False, rank=env.rank, world_size=env.world_size, task=task)
+    records = predict(model, loader, task, dtype, device, show_progress=env.is_main)
+    metrics = task.evaluate(records)
+    if env.is_main:
+        out = Path(out or run_dir / f"results-{split_name}.json")
+        out.write_text(json.dumps(task.results(records)))
+        prefix = "val" if split == "val" else "test"
+        best = checkpoint.read_best(config.checkpoint_dir)
+        log_evaluation(run_dir, config.tracking, {f"{prefix}/{k}": v for k, v in metrics.items()},
+                       step=best["step"] if best and tag is None else checkpoint.tag_step(tag) if tag else 0,
+                       tags={f"{prefix}.split": shards, f"{prefix}.results": str(out)})
+        log.info("%d predictions on %s -> %s", len(records), shards, out)
+    return metrics

@@ -1,0 +1,119 @@
+"""What pretraining trains: `ViLBERTForPretraining` (or the single-stream baseline) on caption
+shards, with masked multimodal modelling and alignment, evaluated on fixed held-out batches.
+
+An objective tells the engine (`vilbert.train.loop`) what to build, what to feed, what to
+minimise and how to evaluate; `vilbert.train.finetuning` is the other one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from itertools import islice
+
+import torch
+import torch.distributed as dist
+
+from vilbert.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("loss", "mlm_loss", "region_loss", "alignment_loss")
+EVAL_SEED_OFFSET = -1  # the held-out batches' stream seed, apart from every training step's
+
+
+def build_model(config: TrainConfig, feature_dim: int, num_classes: int):
+    from vilbert import SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining
+    from vilbert.data.tokenizer import default_vocab
+
+    if config.model.init:
+        raise ValueError("model.init (a pretrained model to start from) is for fine-tuning; pretraining starts "
+                         "from model.bert")
+    vil_config = ViLBERTConfig.from_preset(config.model.preset, **{
+        "v_feature_size": feature_dim, "v_target_size": num_classes, **config.model.overrides})
+    model_class = SingleStreamForPretraining if config.model.single_stream else ViLBERTForPretraining
+    if not config.model.bert:
+        return model_class(vil_config)
+    bert = default_vocab() if config.model.bert == "minilm" else config.model.bert
+    model, report = model_class.from_bert(bert, vil_config)
+    log.info("text stream from %s: %d tensors loaded, %d start fresh", bert, len(report.loaded), len(report.missing))
+    return model
+
+
+class PretrainingObjective:
+    name = "pretraining"
+    metric_names = (*LOSSES, "alignment_accuracy")
+    best_metric = None  # the newest checkpoint is the model
+
+    def __init__(self, config: TrainConfig, env, data_factory=None):
+        from vilbert.data.pipeline import shard_index
+
+        self.config, self.env, self.data_factory = config, env, data_factory
+        self.index = shard_index(config.data) if data_factory is None else None
+
+    @property
+    def examples_per_epoch(self) -> int:
+        return self.index.num_samples
+
+    @property
+    def data_workers(self) -> int:  # processes that take cores from torch's threads
+        return 0 if self.data_factory is not None else self.config.data.workers
+
+    def build_model(self):
+        overrides = self.config.model.overrides
+        dims = (self.index.feature_dim, self.index.num_classes) if self.index else \
+            (overrides["v_feature_size"], overrides["v_target_size"])
+        self.model = build_model(self.config, *dims)
+        return self.model
+
+    def _shard_batches(self, data_config, seed_offset: int):
+        from vilbert.data import build_loader
+
+        loader, _ = build_loader(data_config, train=True, rank=self.env.rank, world_size=self.env.world_size,
+                                 seed_offset=seed_offset, visual_target=self.model.config.visual_target)
+        return iter(loader)
+
+    def train_batches(self, seed_offset: int):
+        if self.data_factory is not None:
+            return self.data_factory(self.env.rank, self.env.world_size, seed_offset)
+        return self._shard_batches(self.config.data, seed_offset)
+
+    def held_out(self):
+        """The held-out batches, drawn once and kept (compact, on the host), so that every
+        evaluation sees the same ones; None without held-out shards."""
+        if not self.config.eval.shards:
+            return None
+        data = dataclasses.replace(self.config.data, shards=self.config.eval.shards, fraction=1.0)
+        return list(islice(self._shard_batches(data, EVAL_SEED_OFFSET), self.config.eval.max_batches))
+
+    def step(self, engine, batch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss to minimise and the step's metrics (`metric_names`, detached)."""
+        out = engine(**batch.model_inputs(dtype))
+        accuracy = (out.alignment_logits.detach().argmax(-1) == batch.alignment_labels).float().mean()
+        return out.loss, torch.stack([*(out[name].detach().float() for name in LOSSES), accuracy])
+
+    @torch.no_grad()
+    def evaluate(self, engine, batches: list, dtype: torch.dtype) -> dict[str, float]:
+        """Losses, masked-LM and alignment accuracy on the held-out batches; every rank must
+        pass the same number of batches (ZeRO-3 forwards are collective)."""
+        engine.eval()
+        sums = torch.zeros(len(LOSSES) + 2, dtype=torch.float64, device=engine.device)  # + alignment, MLM hits
+        samples, labelled_tokens = 0, 0  # counted on the host
+        for batch in batches:  # the device sums are read once, after the last batch
+            samples, labelled_tokens = samples + len(batch), labelled_tokens + len(batch.masked_lm_positions)
+            batch = batch.to(engine.device)
+            out = engine(**batch.model_inputs(dtype))
+            labels = batch.masked_lm_labels.flatten()[batch.masked_lm_positions]
+            hits = [(out.alignment_logits.argmax(-1) == batch.alignment_labels).sum(),
+                    (out.masked_lm_logits.argmax(-1) == labels).sum()]
+            sums += torch.stack([*(out[k].detach().double() for k in LOSSES), *(h.double() for h in hits)])
+        totals = torch.cat([sums, torch.tensor([samples, labelled_tokens, len(batches)], dtype=torch.float64,
+                                               device=engine.device)])
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        engine.train()
+        *losses, aligned, mlm_right, samples, mlm_total, batches_seen = totals.tolist()
+        metrics = {f"val/{name}": value / batches_seen for name, value in zip(LOSSES, losses)}
+        metrics["val/alignment_accuracy"] = aligned / samples
+        metrics["val/mlm_accuracy"] = mlm_right / max(mlm_total, 1)
+        return metrics
