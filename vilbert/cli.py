@@ -42,8 +42,10 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _finetune_config(args: argparse.Namespace):
+    from vilbert.tasks import task_class
     from vilbert.train import load_config
 
+    task_class(args.task)  # an unknown task fails here, naming the known ones
     config = load_config(args.config, args.overrides)
     if config.task.get("name", args.task) != args.task:
         raise ValueError(f"--task {args.task} but the config's task.name is {config.task['name']!r}")
@@ -91,12 +93,9 @@ def _check_pretrain(args: argparse.Namespace) -> None:
 
 
 def _check_finetune(args: argparse.Namespace) -> None:
-    from vilbert.tasks import task_class
     from vilbert.train.run_dir import plan
 
-    config = _finetune_config(args)
-    task_class(args.task)
-    plan(config, args.resume, args.overwrite)
+    plan(_finetune_config(args), args.resume, args.overwrite)
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -1,0 +1,147 @@
+"""The fine-tuning engine on toy VQA: it learns, keeps the best checkpoint, and evaluation
+sees every held-out question exactly once across ranks, in the server's format."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from helpers import ENV, ROOT
+
+STEPS, EVERY = 40, 20
+
+
+@pytest.fixture(scope="module")
+def toy_vqa(tmp_path_factory):
+    from shards.build import ShardOptions
+    from shards.toyvqa import write_toy_vqa
+
+    out = tmp_path_factory.mktemp("toyvqa")
+    write_toy_vqa(out, 300, 60, feature_dim=32, options=ShardOptions(samples_per_shard=20))  # val: 3 shards
+    return out
+
+
+def _config(tmp_path, toy_vqa, **changes):
+    config = {"output_dir": str(tmp_path / "run"), "deepspeed": str(ROOT / "deepspeed_configs/zero0_fp32.json"),
+              "model": {"preset": "small", "bert": "minilm"},  # a BERT text stream: questions are learnt fast
+              "task": {"name": "vqa", "max_question_tokens": 16},
+              "data": {"shards": str(toy_vqa / "train"), "batch_size": 16, "workers": 0, "shuffle_buffer": 200},
+              "eval": {"shards": str(toy_vqa / "val"), "every_steps": EVERY},
+              "optim": {"steps": STEPS, "global_batch_size": 16, "lr": 2e-4},
+              "checkpoint": {"every_steps": EVERY, "keep_last": 1},
+              "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test", "log_every": 10,
+                           "system_metrics": False}}
+    for key, value in changes.items():
+        config[key] = {**config[key], **value}
+    path = tmp_path / "finetune.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _vilbert(*args, launcher=(sys.executable, "-m", "vilbert"), timeout=600):
+    return subprocess.run([*launcher, *args], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, toy_vqa):
+    tmp_path = tmp_path_factory.mktemp("finetune")
+    path = _config(tmp_path, toy_vqa)
+    done = _vilbert("finetune", "--task", "vqa", "--config", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return path, tmp_path / "run"
+
+
+def _untrained_accuracy(config_path):
+    """Val accuracy of the model the run started from (the engine seeds, then builds), and of
+    the best constant answer."""
+    from vilbert.data import build_loader
+    from vilbert.train import load_config
+    from vilbert.train.finetuning import build_task_model, make_task, predict
+
+    config = load_config(config_path)
+    task = make_task(config)
+    torch.manual_seed(config.seed)
+    model = build_task_model(config, task, task.index.feature_dim)
+    loader, _ = build_loader(dataclasses.replace(config.data, shards=config.eval.shards), train=False, task=task)
+    records = predict(model, loader, task, torch.float32, torch.device("cpu"))
+    one_answer = max(task.evaluate([(example, answer) for example, _ in records])["accuracy"]
+                     for answer in range(len(task.answers)))  # the best single answer to every question
+    return task.evaluate(records)["accuracy"], one_answer
+
+
+def test_short_finetune_beats_the_untrained_model_and_keeps_the_best(finetuned):
+    from vilbert.train import checkpoint
+    from vilbert.train.tracking import read_metrics
+
+    config_path, run = finetuned
+    logged = read_metrics(run)
+    evaluations = {m["step"]: m["val/accuracy"] for m in logged if "val/accuracy" in m}
+    assert sorted(evaluations) == list(range(EVERY, STEPS + 1, EVERY))
+    best = checkpoint.read_best(run / "checkpoints")
+    assert best["value"] == max(evaluations.values()) and best["step"] == max(evaluations, key=evaluations.get)
+    assert best["tag"] in checkpoint.complete_tags(run / "checkpoints")  # retention (keep_last=1) spared it
+    assert next(m for m in logged if "best/val/accuracy" in m)["best/val/accuracy"] == best["value"]
+    untrained, one_answer = _untrained_accuracy(config_path)
+    assert best["value"] > untrained + 0.1, (untrained, evaluations)
+    assert best["value"] > one_answer + 0.1, (one_answer, evaluations)  # it answers from the question at least
+    assert {"train/loss", "train/score"} <= set(logged[0])
+
+
+def test_evaluation_sees_every_question_once_across_two_ranks(finetuned, toy_vqa):
+    from vilbert.data.format import ShardIndex, read_checked_samples
+    from vilbert.train import checkpoint
+
+    _, run = finetuned
+    out = run / "results-2ranks.json"
+    done = _vilbert("evaluate", "--task", "vqa", "--checkpoint", str(run), "--split", "val", "--out", str(out),
+                    launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                              "vilbert"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    index = ShardIndex.read(toy_vqa / "val")
+    expected = sorted(q["question_id"] for shard in index.shards
+                      for _, s, _ in read_checked_samples(str(toy_vqa / "val" / shard.name))
+                      for q in s["meta"]["questions"])
+    results = json.loads(out.read_text())
+    assert sorted(r["question_id"] for r in results) == expected  # each once, none missing
+    assert all(set(r) == {"question_id", "answer"} and isinstance(r["question_id"], int)
+               and isinstance(r["answer"], str) for r in results)
+    # The best model's accuracy, as the run measured it during training.
+    accuracy = float(next(line for line in done.stdout.splitlines() if line.startswith("val accuracy:")).split()[-1])
+    assert accuracy == pytest.approx(checkpoint.read_best(run / "checkpoints")["value"], abs=0.01)
+
+
+def test_a_split_without_answers_gives_predictions_and_no_metrics(toy_vqa):
+    from vilbert.data import ShardIndex
+    from vilbert.tasks.vqa import VQA, VQAOptions
+
+    task = VQA(VQAOptions(), ShardIndex.read(toy_vqa / "train"))
+    records = [({"question_id": 7, "answers": [], "answer_type": ""}, 0)]
+    assert task.evaluate(records) == {}
+    assert task.results(records) == [{"question_id": 7, "answer": task.answers[0]}]
+
+
+def test_a_pretrained_encoder_is_loaded_and_the_heads_start_fresh(tmp_path, toy_vqa):
+    from vilbert import ViLBERTConfig, ViLBERTForPretraining
+    from vilbert.train import load_config
+    from vilbert.train.finetuning import build_task_model, make_task
+
+    pretrained = ViLBERTForPretraining(ViLBERTConfig.from_preset("tiny", vocab_size=30522, v_feature_size=32,
+                                                                 v_target_size=49))
+    pretrained.save_pretrained(tmp_path / "pretrained")
+    config = load_config(_config(tmp_path, toy_vqa, model={"init": str(tmp_path / "pretrained")}))
+    task = make_task(config)
+    model = build_task_model(config, task, 32)
+    theirs = pretrained.vilbert.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in model.vilbert.state_dict().items())
+    assert model.config.num_vqa_answers == len(task.answers) and model.config.id2label[0] == task.answers[0]
+    with pytest.raises(ValueError, match="region features"):
+        build_task_model(config, task, 64)
+
+
+def test_unknown_task_names_the_known_ones(tmp_path, toy_vqa):
+    done = _vilbert("finetune", "--task", "nope", "--config", str(_config(tmp_path, toy_vqa)))
+    assert done.returncode != 0 and "unknown task 'nope'" in done.stderr and "['vqa']" in done.stderr
