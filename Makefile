@@ -2,8 +2,9 @@
 PY ?= python3
 PIP := $(PY) -m pip install -q
 TOY := runs/toyworld
+TOYVQA := runs/toyvqa
 
-.PHONY: install demo lint test bench
+.PHONY: install demo toy-vqa toy-vqa-demo lint test bench
 
 # torch first, and only when absent: 2.13.0 is a CPU build here; GPU boxes bring their own.
 install:
@@ -15,6 +16,16 @@ install:
 demo: install
 	@test -f $(TOY)/train/index.json || $(PY) -m shards toyworld --out $(TOY) --images 20000 --val-images 1000 --feature-dim 256
 	$(PY) -m vilbert pretrain --config configs/toy.yaml --overwrite
+
+# Toy-world VQA shards (new images of the same world), then fine-tune the demo's pretrained
+# model (runs/toy/model: run `make demo` first) on them and evaluate the best checkpoint.
+toy-vqa: install
+	@test -f $(TOYVQA)/train/index.json || $(PY) -m shards toyvqa --out $(TOYVQA) --images 4000 --val-images 500 --feature-dim 256
+
+toy-vqa-demo: toy-vqa
+	@test -f runs/toy/model/config.json || { echo "no pretrained model in runs/toy/model: run make demo first"; exit 1; }
+	$(PY) -m vilbert finetune --task vqa --config configs/toy_vqa.yaml --overwrite
+	$(PY) -m vilbert evaluate --task vqa --checkpoint runs/toy-vqa --split val
 
 lint: install
 	$(PY) -m ruff check .

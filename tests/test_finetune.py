@@ -112,6 +112,15 @@ def test_evaluation_sees_every_question_once_across_two_ranks(finetuned, toy_vqa
     # The best model's accuracy, as the run measured it during training.
     accuracy = float(next(line for line in done.stdout.splitlines() if line.startswith("val accuracy:")).split()[-1])
     assert accuracy == pytest.approx(checkpoint.read_best(run / "checkpoints")["value"], abs=0.01)
+    # ... and in the run's MLflow run, beside the training's own val/ and best/ metrics.
+    import mlflow
+
+    state = json.loads((run / "tracking.json").read_text())
+    client, best_step = mlflow.MlflowClient(state["uri"]), checkpoint.read_best(run / "checkpoints")["step"]
+    at_best = [m.value for m in client.get_metric_history(state["run_id"], "val/accuracy") if m.step == best_step]
+    assert len(at_best) == 2 and at_best == pytest.approx([accuracy] * 2, abs=0.01)  # the training's and ours
+    logged = client.get_run(state["run_id"]).data
+    assert "best/val/accuracy" in logged.metrics and logged.tags["val.split"] == str(toy_vqa / "val")
 
 
 def test_a_split_without_answers_gives_predictions_and_no_metrics(toy_vqa):
@@ -145,3 +154,18 @@ def test_a_pretrained_encoder_is_loaded_and_the_heads_start_fresh(tmp_path, toy_
 def test_unknown_task_names_the_known_ones(tmp_path, toy_vqa):
     done = _vilbert("finetune", "--task", "nope", "--config", str(_config(tmp_path, toy_vqa)))
     assert done.returncode != 0 and "unknown task 'nope'" in done.stderr and "['vqa']" in done.stderr
+
+
+def test_slurm_launcher_runs_finetune_and_evaluate(tmp_path, toy_vqa, capsys):
+    from vilbert.cli import launchable_commands
+    from vilbert.launch import cli
+
+    commands = launchable_commands()
+    assert commands["finetune"].resumable and not commands["evaluate"].resumable  # a requeue resumes training
+    config = _config(tmp_path, toy_vqa)
+    assert cli.main(["finetune", "--nodes", "2", "--gpus-per-node", "8", "--log-dir", str(tmp_path / "logs"),
+                     "--dry-run", "--task", "vqa", "--config", str(config)]) == 0
+    assert f"each task runs: vilbert finetune --task vqa --config {config}" in capsys.readouterr().out
+    assert cli.main(["evaluate", "--dry-run", "--task", "vqa", "--checkpoint", str(tmp_path / "nothing"),
+                     "--split", "val"]) == 2  # checked before it waits in a queue
+    assert "not a fine-tuning output directory" in capsys.readouterr().err
