@@ -15,7 +15,8 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 def train_config(tmp_path, toy_world, **sections) -> Path:
     """A training YAML for the tiny model on the toy world (8 steps, checkpoints every 3),
-    logging to an MLflow store in tmp_path; `sections` update the config's sections."""
+    logging to an MLflow store in tmp_path; `sections` update (or add) the config's sections.
+    `toy_world`: any directory with train/ and val/ shard sets."""
     config = {"output_dir": str(tmp_path / "run"), "deepspeed": str(ROOT / "deepspeed_configs/zero1_fp32.json"),
               "model": {"preset": "tiny", "overrides": {"vocab_size": 30522}},
               "data": {"shards": str(toy_world / "train"), "batch_size": 8, "workers": 0, "shuffle_buffer": 50},
@@ -25,7 +26,7 @@ def train_config(tmp_path, toy_world, **sections) -> Path:
               "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test", "log_every": 1,
                            "system_metrics": False}}
     for key, value in sections.items():
-        config[key] = {**config[key], **value}
+        config[key] = {**config.get(key, {}), **value}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

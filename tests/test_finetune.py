@@ -8,9 +8,8 @@ import sys
 
 import pytest
 import torch
-import yaml
 
-from helpers import ENV, ROOT
+from helpers import ENV, ROOT, train_config
 
 STEPS, EVERY = 40, 20
 
@@ -26,20 +25,12 @@ def toy_vqa(tmp_path_factory):
 
 
 def _config(tmp_path, toy_vqa, **changes):
-    config = {"output_dir": str(tmp_path / "run"), "deepspeed": str(ROOT / "deepspeed_configs/zero0_fp32.json"),
-              "model": {"preset": "small", "bert": "minilm"},  # a BERT text stream: questions are learnt fast
-              "task": {"name": "vqa", "max_question_tokens": 16},
-              "data": {"shards": str(toy_vqa / "train"), "batch_size": 16, "workers": 0, "shuffle_buffer": 200},
-              "eval": {"shards": str(toy_vqa / "val"), "every_steps": EVERY},
-              "optim": {"steps": STEPS, "global_batch_size": 16, "lr": 2e-4},
-              "checkpoint": {"every_steps": EVERY, "keep_last": 1},
-              "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test", "log_every": 10,
-                           "system_metrics": False}}
-    for key, value in changes.items():
-        config[key] = {**config[key], **value}
-    path = tmp_path / "finetune.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    sections = {"model": {"preset": "small", "bert": "minilm"},  # a BERT text stream: questions are learnt fast
+                "task": {"name": "vqa", "max_question_tokens": 16},
+                "data": {"batch_size": 16, "shuffle_buffer": 200}, "eval": {"every_steps": EVERY},
+                "optim": {"steps": STEPS, "global_batch_size": 16, "lr": 2e-4},
+                "checkpoint": {"every_steps": EVERY, "keep_last": 1}, "tracking": {"log_every": 10}}
+    return train_config(tmp_path, toy_vqa, **{k: {**v, **changes.get(k, {})} for k, v in sections.items()})
 
 
 def _vilbert(*args, launcher=(sys.executable, "-m", "vilbert"), timeout=600):

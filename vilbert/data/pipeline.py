@@ -161,8 +161,8 @@ class ShardStream(IterableDataset):
         worker, _ = self._worker()
         seed = hash((self.config.seed, self.seed_offset, self.rank, worker)) & 0x7FFFFFFF
         rng = random.Random(seed)
-        if hasattr(self.collator, "reseed"):  # the masking generator of pretraining
-            self.collator.reseed(seed)
+        if self.task is None:
+            self.collator.reseed(seed)  # its masking draws
         guard = BadSampleGuard(self.config.max_bad_fraction)
         samples = self._samples(rng, guard)
         if self.task is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -173,10 +172,6 @@ class FinetuningObjective:
         records = predict(engine, loader, self.task, dtype, engine.device,
                           collective_forward=engine.zero_optimization_stage() == 3, show_progress=self.env.is_main)
         return {f"val/{name}": value for name, value in self.task.evaluate(records).items()}
-
-
-def steps_for_epochs(epochs: float, examples: int, global_batch_size: int) -> int:
-    return max(1, math.ceil(epochs * examples / global_batch_size))
 
 
 def evaluate_run(run_dir: str | Path, split: str, out: str | Path | None = None, tag: str | None = None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def _control_group(device_type: str):
 
 def _with_epochs(config: TrainConfig, examples: int) -> TrainConfig:
     """Steps and the evaluation interval from `optim.epochs` / `eval.every_epochs`, when set."""
-    from vilbert.train.finetuning import steps_for_epochs
+    def steps_for_epochs(epochs: float, examples: int, global_batch_size: int) -> int:
+        return max(1, math.ceil(epochs * examples / global_batch_size))
 
     optim, evaluation = config.optim, config.eval
     if optim.epochs:
@@ -103,8 +105,8 @@ def _train(config: TrainConfig, make_objective, resume: str, overwrite: bool) ->
     set_intra_op_threads(objective.data_workers)
     import deepspeed
 
-    config = _with_epochs(config, objective.examples_per_epoch) if config.optim.epochs or config.eval.every_epochs \
-        else config
+    if config.optim.epochs or config.eval.every_epochs:
+        config = _with_epochs(config, objective.examples_per_epoch)
     start = run_dir.plan(config, resume, overwrite)  # every rank reads, ...
     if env.is_main:
         run_dir.prepare(config, start, overwrite)  # ... rank 0 writes
