@@ -55,7 +55,7 @@ def _toyworld(args) -> int:
     from shards.toyworld import write_toyworld
 
     indexes = write_toyworld(args.out, args.images, args.val_images, seed=args.seed, feature_dim=args.feature_dim,
-                             options=_options(args), workers=args.workers)
+                             options=_options(args), workers=args.workers, setting_mention=args.setting_mention)
     for split, index in indexes.items():
         print(f"{split}: {index.num_samples} images in {len(index.shards)} shards -> {args.out}/{split}")
     return 0
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--val-images", type=int, default=2000)
     toy.add_argument("--feature-dim", type=int, default=2048)
     toy.add_argument("--workers", type=int, default=2, help="processes generating shards")
+    toy.add_argument("--setting-mention", type=float, default=1.0,
+                     help="how often a caption names the scene's setting (1: always, the demo; 0.25: no shortcut "
+                          "for alignment, see README 'Toy-world VQA and the transfer claim')")
     _add_shard_options(toy)
     toy.set_defaults(run=_toyworld)
 
