@@ -160,3 +160,20 @@ def test_slurm_launcher_runs_finetune_and_evaluate(tmp_path, toy_vqa, capsys):
     assert cli.main(["evaluate", "--dry-run", "--task", "vqa", "--checkpoint", str(tmp_path / "nothing"),
                      "--split", "val"]) == 2  # checked before it waits in a queue
     assert "not a fine-tuning output directory" in capsys.readouterr().err
+
+
+def test_zero3_evaluation_in_lockstep_over_uneven_shards(tmp_path, toy_vqa):
+    """ZeRO-3 forwards are collective: with 3 validation shards on 2 ranks, one rank runs out
+    of batches first and must keep stepping with the other; every question still counts once."""
+    from vilbert.data import ShardIndex
+    from vilbert.train.tracking import read_metrics
+
+    config = _config(tmp_path, toy_vqa, model={"preset": "tiny", "bert": None}, eval={"every_steps": 4},
+                     optim={"steps": 4, "lr": 1e-3})
+    done = _vilbert("finetune", "--task", "vqa", "--config", str(config),
+                    f"deepspeed={ROOT / 'deepspeed_configs/zero3_fp32.json'}", "data.batch_size=8",
+                    launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                              "vilbert"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    evaluation = next(m for m in read_metrics(tmp_path / "run") if "val/questions" in m)
+    assert evaluation["val/questions"] == ShardIndex.read(toy_vqa / "val").task["examples"]
