@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.add_argument("--keep-boxes", nargs=2, type=int, default=(10, 100), metavar=("MIN", "MAX"))
     vqa.add_argument("--conf-threshold", type=float, default=0.2)
     _add_shard_options(vqa)
-    vqa.set_defaults(run=_vqa)
+    vqa.set_defaults(run=_vqa, samples_per_shard=250)  # ~100 MB of 100 x 2048 float16 regions per shard
 
     toyvqa = commands.add_parser("toyvqa", help="generate toy-world VQA task shards (train/ and val/)")
     toyvqa.add_argument("--out", required=True)

@@ -103,6 +103,12 @@ def test_evaluation_sees_every_question_once_across_two_ranks(finetuned, toy_vqa
     # The best model's accuracy, as the run measured it during training.
     accuracy = float(next(line for line in done.stdout.splitlines() if line.startswith("val accuracy:")).split()[-1])
     assert accuracy == pytest.approx(checkpoint.read_best(run / "checkpoints")["value"], abs=0.01)
+    # A checkpoint by tag (rebuilt from the DeepSpeed checkpoint), on one rank as in training: the same, exactly.
+    best = checkpoint.read_best(run / "checkpoints")
+    tagged = _vilbert("evaluate", "--task", "vqa", "--checkpoint", str(run), "--split", "val", "--out",
+                      str(run / "results-tag.json"), "--tag", best["tag"])
+    assert tagged.returncode == 0, tagged.stderr[-3000:]
+    assert f"val accuracy: {best['value']:.4f}" in tagged.stdout
     # ... and in the run's MLflow run, beside the training's own val/ and best/ metrics.
     import mlflow
 

@@ -216,8 +216,8 @@ def evaluate_run(run_dir: str | Path, split: str, out: str | Path | None = None,
         out.write_text(json.dumps(task.results(records)))
         prefix = "val" if split == "val" else "test"
         best = checkpoint.read_best(config.checkpoint_dir)
-        log_evaluation(run_dir, config.tracking, {f"{prefix}/{k}": v for k, v in metrics.items()},
-                       step=best["step"] if best and tag is None else checkpoint.tag_step(tag) if tag else 0,
+        step = checkpoint.tag_step(tag) if tag else best["step"] if best else 0  # the evaluated model's step
+        log_evaluation(run_dir, config.tracking, {f"{prefix}/{k}": v for k, v in metrics.items()}, step,
                        tags={f"{prefix}.split": shards, f"{prefix}.results": str(out)})
         log.info("%d predictions on %s -> %s", len(records), shards, out)
     return metrics
