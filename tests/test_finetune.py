@@ -103,12 +103,6 @@ def test_evaluation_sees_every_question_once_across_two_ranks(finetuned, toy_vqa
     # The best model's accuracy, as the run measured it during training.
     accuracy = float(next(line for line in done.stdout.splitlines() if line.startswith("val accuracy:")).split()[-1])
     assert accuracy == pytest.approx(checkpoint.read_best(run / "checkpoints")["value"], abs=0.01)
-    # A checkpoint by tag (rebuilt from the DeepSpeed checkpoint), on one rank as in training: the same, exactly.
-    best = checkpoint.read_best(run / "checkpoints")
-    tagged = _vilbert("evaluate", "--task", "vqa", "--checkpoint", str(run), "--split", "val", "--out",
-                      str(run / "results-tag.json"), "--tag", best["tag"])
-    assert tagged.returncode == 0, tagged.stderr[-3000:]
-    assert f"val accuracy: {best['value']:.4f}" in tagged.stdout
     # ... and in the run's MLflow run, beside the training's own val/ and best/ metrics.
     import mlflow
 
@@ -118,6 +112,12 @@ def test_evaluation_sees_every_question_once_across_two_ranks(finetuned, toy_vqa
     assert len(at_best) == 2 and at_best == pytest.approx([accuracy] * 2, abs=0.01)  # the training's and ours
     logged = client.get_run(state["run_id"]).data
     assert "best/val/accuracy" in logged.metrics and logged.tags["val.split"] == str(toy_vqa / "val")
+    # A checkpoint by tag (rebuilt from the DeepSpeed checkpoint), on one rank as in training: the same, exactly.
+    best = checkpoint.read_best(run / "checkpoints")
+    tagged = _vilbert("evaluate", "--task", "vqa", "--checkpoint", str(run), "--split", "val", "--out",
+                      str(run / "results-tag.json"), "--tag", best["tag"])
+    assert tagged.returncode == 0, tagged.stderr[-3000:]
+    assert f"val accuracy: {best['value']:.4f}" in tagged.stdout
 
 
 def test_a_split_without_answers_gives_predictions_and_no_metrics(toy_vqa):
