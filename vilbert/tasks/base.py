@@ -13,7 +13,7 @@ metrics (string normalisation, leave-one-out averages) are simplest to get exact
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,10 +55,6 @@ class Task:
 
     def __init__(self, options, index: ShardIndex, tokenizer_path: str | None = None):
         self.options, self.index = options, index
-
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return [f.name for f in fields(cls.options_class)]
 
     def model_overrides(self) -> dict:
         """`ViLBERTConfig` fields the task's head needs (e.g. the answer count)."""

@@ -48,6 +48,12 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def read_state(output_dir: str | Path) -> dict:
+    """The run's tracking state (`tracking.json`): its MLflow run id, store and experiment."""
+    path = Path(output_dir) / STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def _cut_metrics(output_dir: Path, last_step: int) -> None:
     """Keep the steps up to `last_step`: the later ones are redone by the resumed run."""
     kept = [m for m in read_metrics(output_dir) if m["step"] <= last_step]
@@ -77,10 +83,6 @@ class Tracker:
             self._mlflow = None
             return None
 
-    def _state(self) -> dict:
-        path = self.output_dir / STATE_FILE
-        return json.loads(path.read_text()) if path.exists() else {}
-
     def _write_state(self, state: dict) -> None:
         temporary = self.output_dir / f".{STATE_FILE}.tmp"
         temporary.write_text(json.dumps(state, indent=1))
@@ -104,7 +106,7 @@ class Tracker:
         import mlflow
 
         self._mlflow = mlflow
-        state = self._state() if resumed_step is not None and not new_run else {}
+        state = read_state(self.output_dir) if resumed_step is not None and not new_run else {}
         if state and (state.get("uri"), state.get("experiment")) != (self.uri, self.config.experiment):
             log.warning("this run logged to MLflow at %s (experiment %r); now %s (%r): starting a new MLflow run",
                         state.get("uri"), state.get("experiment"), self.uri, self.config.experiment)
@@ -194,7 +196,7 @@ def log_evaluation(output_dir: str | Path, config: TrackingConfig, metrics: dict
     output_dir = Path(output_dir)
     with open(output_dir / METRICS_FILE, "a") as jsonl:
         jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-    state = json.loads((output_dir / STATE_FILE).read_text()) if (output_dir / STATE_FILE).exists() else {}
+    state = read_state(output_dir)
     if not config.enabled or not state.get("run_id"):
         return
     try:
