@@ -67,7 +67,7 @@ def read_rates(directory: Path, seconds: float = 3.0) -> tuple[float, float]:
     shard = str(sorted(directory.glob("*.tar"))[0])
     five = str(directory / "five-members.tar")
     with wds.TarWriter(five) as writer:
-        for key, data in read_shard(shard):
+        for key, data, _ in read_shard(shard):
             s = decode_sample(data)
 
             def npy(a):
@@ -86,9 +86,33 @@ def read_rates(directory: Path, seconds: float = 3.0) -> tuple[float, float]:
                 count += 1
         return count / (time.perf_counter() - start)
 
-    ours = rate(lambda: (decode_sample(d) for _, d in read_shard(shard)))
+    ours = rate(lambda: (decode_sample(d) for _, d, _ in read_shard(shard)))
     plain = rate(lambda: wds.WebDataset(five, shardshuffle=False).decode())
     return ours, plain
+
+
+def checksum_cost(directory: Path, seconds: float = 3.0) -> dict[str, float]:
+    """Samples/s of the pipeline's reader (read, decode, value checks) with and without the
+    per-sample CRC-32, and the CRC alone in MB/s."""
+    import zlib
+
+    from vilbert.data.format import read_checked_samples, read_shard
+
+    shard = str(sorted(directory.glob("shard-*.tar"))[0])
+    rates = {}
+    for verify in (True, False):
+        start, count = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            count += sum(1 for _ in read_checked_samples(shard, FEATURES, CLASSES, verify=verify))
+        rates[verify] = count / (time.perf_counter() - start)
+    payloads = [bytes(d) for _, d, _ in read_shard(shard)]
+    start, rounds = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        for data in payloads:
+            zlib.crc32(data)
+        rounds += 1
+    crc_mb_s = rounds * sum(map(len, payloads)) / (time.perf_counter() - start) / 1e6
+    return {"verified": rates[True], "unverified": rates[False], "crc_mb_s": crc_mb_s}
 
 
 def kl_fidelity(topk_values=(16, 32, 64, 128, CLASSES), regions: int = 2000) -> None:
@@ -141,6 +165,11 @@ def main() -> None:
         ours, plain = read_rates(directory)
         print(f"read + decode only: one member per sample {ours:,.0f} samples/s; "
               f"five members with webdataset .decode() {plain:,.0f} samples/s")
+        cost = checksum_cost(directory)
+        print(f"reader with value checks: {cost['verified']:,.0f} samples/s with the CRC-32 verified, "
+              f"{cost['unverified']:,.0f} without (data.verify_checksums=false): the checksum costs "
+              f"{1 - cost['verified'] / cost['unverified']:.1%} of the reader; CRC-32 alone "
+              f"{cost['crc_mb_s']:,.0f} MB/s")
         for workers in (0, 2):
             rates = sorted(measure(directory, workers, args.batch_size, args.batches) for _ in range(args.repeats))
             label = "main process (1 core)" if workers == 0 else f"{workers} workers + main"

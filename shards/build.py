@@ -10,8 +10,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from shards.sources import InputError, Skipped
 from shards.writer import ShardSetWriter
-from vilbert.data.format import ShardIndex, compact_class_distribution, encode_sample
+from vilbert.data.format import (
+    BadSample,
+    ShardIndex,
+    compact_class_distribution,
+    decode_sample,
+    encode_sample,
+    validate_sample,
+)
 
 SPLITS = ("train", "val")
 
@@ -48,32 +56,62 @@ def encode_record(record: dict, captions: list[str], options: ShardOptions, key:
 
 def write_shard_sets(ids: list[str], load, captions: dict[str, list[str]], out: str | Path, options: ShardOptions,
                      *, source: str, prepare=lambda record: record, class_names: list[str] | None = None,
-                     max_regions: int = 36) -> dict[str, ShardIndex]:
+                     max_regions: int = 36, lenient: bool = False) -> dict[str, ShardIndex]:
     """Write `out/train` (and `out/val` when val_fraction > 0) from the images `ids`, read
-    with `load(id)` and passed through `prepare` (box selection). Images without captions are
-    skipped and counted. Order: a deterministic shuffle by `options.seed`."""
+    with `load(id)` and passed through `prepare` (box selection). Order: a deterministic
+    shuffle by `options.seed`. Inputs that are wrong but parse (captions without an image,
+    images without captions, an image that cannot be read or whose features differ in width
+    from the first image's) are errors naming the image; with `lenient`, such images are
+    skipped and counted instead. Nothing is in place until every split is complete."""
+    skipped = Skipped(lenient)
+    unmatched = sorted(set(captions) - set(ids))
+    if unmatched:
+        skipped.add(f"{len(unmatched)} captioned images have no features (e.g. image {unmatched[0]})", len(unmatched))
     ids = sorted(ids)
     random.Random(options.seed).shuffle(ids)
-    splits = SPLITS if options.val_fraction > 0 else SPLITS[:1]
-    writers, skipped = {}, 0
+    writers, feature_dim, num_classes = {}, None, None
     try:
         for image_id in tqdm(ids, desc=f"writing shards to {out}", unit="img"):
             if not captions.get(image_id):
-                skipped += 1
+                skipped.add(f"image {image_id} has no caption")
                 continue
-            record = prepare(load(image_id))
+            try:
+                record = prepare(load(image_id))
+                data = encode_record(record, captions[image_id], options, key=image_id)
+                if feature_dim is None:
+                    feature_dim = record["features"].shape[1]
+                    num_classes = record["cls_prob"].shape[1] if "cls_prob" in record else 0
+                checked(data, image_id, feature_dim, num_classes)
+            except InputError as e:
+                skipped.add(str(e))
+                continue
             split = split_of(image_id, options.val_fraction, options.seed)
             if split not in writers:
-                feature_dim = record["features"].shape[1]
-                num_classes = record["cls_prob"].shape[1] if "cls_prob" in record else 0
                 writers[split] = ShardSetWriter(
                     Path(out) / split, prefix=options.prefix, max_samples=options.samples_per_shard,
                     max_bytes=options.max_shard_bytes, feature_dim=feature_dim, num_classes=num_classes,
                     class_topk=min(options.class_topk, num_classes), feature_dtype=options.feature_dtype,
                     max_regions=max_regions, source=source, class_names=class_names or [])
-            writers[split].write(image_id, encode_record(record, captions[image_id], options, key=image_id))
-    finally:
-        indexes = {split: writer.close() for split, writer in writers.items()}
-    if skipped:
-        tqdm.write(f"skipped {skipped} images without captions")
-    return {split: indexes[split] for split in splits if split in indexes}
+            writers[split].write(image_id, data)
+        if not writers:
+            raise InputError(f"no image had both features and captions: nothing written ({skipped.summary()})")
+        indexes = {split: writer.finish() for split, writer in writers.items()}
+        for writer in writers.values():
+            writer.commit()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    skipped.report()
+    return indexes
+
+
+def checked(data: bytes, image_id: str, feature_dim: int | None, num_classes: int | None) -> bytes:
+    """An encoded sample that passed the reader's own checks (`validate_sample`: shapes that
+    agree, the shard set's feature width and class count, finite values, boxes inside the
+    image), so a writer never writes what training would skip; else InputError."""
+    try:
+        validate_sample(decode_sample(data), feature_dim, num_classes)
+    except BadSample as e:
+        raise InputError(f"image {image_id}: {e}") from None
+    return data

@@ -1,4 +1,4 @@
-"""Decode every sample of a shard set and report the bad ones."""
+"""Decode and verify every sample of a shard set and report every problem found."""
 
 from __future__ import annotations
 
@@ -22,20 +22,25 @@ class Problem:
 
 
 def check_shards(spec: str) -> tuple[int, list[Problem]]:
-    """(samples read, problems) for a shard-set directory or URL pattern. Also reports
-    shards whose sample count differs from the index."""
-    urls, index = resolve_shards(spec)
-    feature_dim = index.feature_dim if index else None
+    """(good samples, problems) for a shard-set directory or URL pattern: every bad sample
+    (checksums always verified), damage that stops a shard's reading (with what was found
+    before it), and shards holding fewer or more samples than the index says."""
+    try:
+        urls, index = resolve_shards(spec)
+    except (OSError, ValueError) as e:
+        return 0, [Problem(spec, "-", f"cannot read the shard set: {e}")]
+    feature_dim, num_classes = (index.feature_dim, index.num_classes) if index else (None, None)
     expected = {s.name: s.samples for s in index.shards} if index else {}
-    seen, problems = 0, []
+    good, problems = 0, []
     for url in tqdm(urls, desc="checking shards", unit="shard"):
-        count = 0
-        for key, _, problem in read_checked_samples(url, feature_dim):
+        members = 0
+        for key, sample, problem in read_checked_samples(url, feature_dim, num_classes, verify=True):
             if problem is not None:
                 problems.append(Problem(url, key, problem))
-            count += problem is None or not problem.startswith(UNREADABLE)
-        seen += count
-        name = Path(url).name
-        if name in expected and expected[name] != count:
-            problems.append(Problem(url, "-", f"index says {expected[name]} samples, shard has {count}"))
-    return seen, problems
+            good += sample is not None
+            members += problem is None or not problem.startswith(UNREADABLE)
+        wanted = expected.get(Path(url).name)
+        if wanted is not None and wanted != members:
+            lost = f" ({wanted - members} lost)" if wanted > members else ""
+            problems.append(Problem(url, "-", f"index says {wanted} samples, shard has {members}{lost}"))
+    return good, problems

@@ -5,22 +5,42 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shards.build import ShardOptions
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+LENIENT_HELP = ("skip inputs that are wrong but parse (captions or questions without an image, images without "
+                "captions or features, unreadable or inconsistent feature records), count them and name the first "
+                "few, instead of stopping at the first")
 
 
 def _add_shard_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("shards")
-    group.add_argument("--samples-per-shard", type=int, default=1000)
-    group.add_argument("--max-shard-bytes", type=int, default=None, help="also start a new shard past this size")
-    group.add_argument("--val-fraction", type=float, default=0.0, help="images (by id hash) that go to val/")
+    group.add_argument("--samples-per-shard", type=_count, default=1000)
+    group.add_argument("--max-shard-bytes", type=_count, default=None, help="also start a new shard past this size")
+    group.add_argument("--val-fraction", type=_fraction, default=0.0, help="images (by id hash) that go to val/")
     group.add_argument("--seed", type=int, default=0, help="the deterministic shuffle and the split")
     group.add_argument("--feature-dtype", choices=("float16", "float32"), default="float16")
-    group.add_argument("--class-topk", type=int, default=32,
+    group.add_argument("--class-topk", type=_count, default=32,
                        help="classes kept per region distribution (>= the class count: all, float16)")
     group.add_argument("--prefix", default="shard")
 
 
-def _options(args) -> ShardOptions:
+def _options(args):
+    from shards.build import ShardOptions
+
     return ShardOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
                         val_fraction=args.val_fraction, seed=args.seed, feature_dtype=args.feature_dtype,
                         class_topk=args.class_topk, prefix=args.prefix)
@@ -35,7 +55,8 @@ def _write(args) -> int:
     indexes = write_shard_sets(
         source.ids, source.load, read_captions(args.captions), args.out, _options(args),
         source=" ".join(args.tsv) if args.tsv else str(args.features_dir),
-        prepare=lambda record: select_boxes(record, low, high, args.conf_threshold), max_regions=high)
+        prepare=lambda record: select_boxes(record, low, high, args.conf_threshold), max_regions=high,
+        lenient=args.lenient)
     for split, index in indexes.items():
         print(f"{split}: {index.num_samples} samples in {len(index.shards)} shards -> {args.out}/{split}")
     return 0
@@ -44,10 +65,10 @@ def _write(args) -> int:
 def _check(args) -> int:
     from shards.check import check_shards
 
-    seen, problems = check_shards(args.shards)
+    good, problems = check_shards(args.shards)
     for problem in problems:
         print(problem)
-    print(f"{seen} samples read, {len(problems)} problems")
+    print(f"{good} good samples, {len(problems)} problems")
     return 1 if problems else 0
 
 
@@ -95,7 +116,8 @@ def _vqa(args) -> int:
     report = write_vqa_sets(splits, source, args.out, _options(args), minival=args.minival,
                             min_answer_count=args.min_answer_count,
                             prepare=lambda record: select_boxes(record, low, high, args.conf_threshold),
-                            max_regions=high, source_name=" ".join(args.tsv) if args.tsv else str(args.features_dir))
+                            max_regions=high, source_name=" ".join(args.tsv) if args.tsv else str(args.features_dir),
+                            lenient=args.lenient)
     _print_task_sets(report, args.out)
     return 0
 
@@ -111,6 +133,7 @@ def _toyvqa(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shards", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     write = commands.add_parser("write", help="build shard sets from detector features and captions",
@@ -125,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--conf-threshold", type=float, default=0.2, help="detector confidence to keep a box")
     write.add_argument("--allow-pickle", action="store_true",
                        help="read .npy files holding pickled dicts (unpickling runs code: trusted files only)")
+    write.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
     _add_shard_options(write)
     write.set_defaults(run=_write)
 
@@ -134,10 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     toy = commands.add_parser("toyworld", help="generate the procedural toy world as a shard set")
     toy.add_argument("--out", required=True)
-    toy.add_argument("--images", type=int, default=20000, help="training images")
+    toy.add_argument("--images", type=_count, default=20000, help="training images")
     toy.add_argument("--val-images", type=int, default=2000)
-    toy.add_argument("--feature-dim", type=int, default=2048)
-    toy.add_argument("--workers", type=int, default=2, help="processes generating shards")
+    toy.add_argument("--feature-dim", type=_count, default=2048)
+    toy.add_argument("--workers", type=_count, default=2, help="processes generating shards")
     toy.add_argument("--setting-mention", type=float, default=1.0,
                      help="how often a caption names the scene's setting (1: always, the demo; 0.25: no shortcut "
                           "for alignment, see README 'Toy-world VQA and the transfer claim')")
@@ -157,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--tsv", nargs="+", help="bottom-up-attention TSV files of the COCO images")
     features.add_argument("--features-dir", help="folder of per-image .npz/.npy files")
     vqa.add_argument("--allow-pickle", action="store_true", help="as for `write`")
+    vqa.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
     vqa.add_argument("--out", required=True)
     vqa.add_argument("--minival", type=int, default=3000, help="val questions held out as minival (0: none)")
     vqa.add_argument("--min-answer-count", type=int, default=9, help="questions an answer must be the answer of")
@@ -167,17 +192,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     toyvqa = commands.add_parser("toyvqa", help="generate toy-world VQA task shards (train/ and val/)")
     toyvqa.add_argument("--out", required=True)
-    toyvqa.add_argument("--images", type=int, default=4000, help="training images (5 questions each)")
+    toyvqa.add_argument("--images", type=_count, default=4000, help="training images (5 questions each)")
     toyvqa.add_argument("--val-images", type=int, default=500)
-    toyvqa.add_argument("--feature-dim", type=int, default=2048, help="as the toy world it goes with")
+    toyvqa.add_argument("--feature-dim", type=_count, default=2048, help="as the toy world it goes with")
     _add_shard_options(toyvqa)
     toyvqa.set_defaults(run=_toyvqa, samples_per_shard=250)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 1 an error (one line naming its input; --debug: the traceback)
+    or problems found by `check`, 2 bad arguments."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as e:  # InputError, unreadable files and indexes: the user's to fix
+        if args.debug:
+            raise
+        print(f"python -m shards {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

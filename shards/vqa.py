@@ -21,7 +21,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shards.build import ShardOptions
+from shards.build import ShardOptions, checked
+from shards.sources import InputError, Skipped
 from shards.writer import ShardSetWriter
 from vilbert.data.format import encode_sample
 from vilbert.tasks.vqa import MIN_ANSWER_COUNT, build_answer_vocabulary
@@ -38,21 +39,41 @@ def image_key(image_id) -> str:
     return str(int(match.group(1)))
 
 
+def _records(path: str | Path, key: str, fields: tuple[str, ...]) -> list[dict]:
+    """The `key` list of an official JSON file, each record checked for `fields`."""
+    try:
+        records = json.loads(Path(path).read_text())[key]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: not a VQA {key} file ({type(e).__name__}: {e})") from None
+    for number, record in enumerate(records if isinstance(records, list) else [None]):
+        if not isinstance(record, dict) or not all(f in record for f in fields):
+            raise InputError(f"{path}: {key}[{number}] ({str(record)[:80]}) lacks one of {', '.join(fields)}")
+        if "question" in fields and not isinstance(record["question"], str):
+            raise InputError(f"{path}: question_id {record['question_id']}: the question is not a string")
+    return records
+
+
 def read_questions(questions_path: str | Path, annotations_path: str | Path | None = None) -> list[dict]:
     """Question records (`question_id`, `image_id`, `question`), joined with their
     annotation (`answers` as 10 strings, `answer_type`, `question_type`,
     `multiple_choice_answer`) when an annotations file is given."""
-    questions = json.loads(Path(questions_path).read_text())["questions"]
+    questions = _records(questions_path, "questions", ("question_id", "image_id", "question"))
     if annotations_path is None:
         return questions
-    annotations = {a["question_id"]: a for a in json.loads(Path(annotations_path).read_text())["annotations"]}
+    annotations = {a["question_id"]: a for a in _records(
+        annotations_path, "annotations", ("question_id", "answers", "answer_type", "question_type",
+                                          "multiple_choice_answer"))}
     missing = [q["question_id"] for q in questions if q["question_id"] not in annotations]
     if missing:
-        raise ValueError(f"{annotations_path} has no annotation for {len(missing)} questions of {questions_path} "
+        raise InputError(f"{annotations_path} has no annotation for {len(missing)} questions of {questions_path} "
                          f"(e.g. question_id {missing[0]}): are they the same split?")
     joined = []
     for q in questions:
         a = annotations[q["question_id"]]
+        if not isinstance(a["answers"], list) or not all(isinstance(x, dict) and isinstance(x.get("answer"), str)
+                                                         for x in a["answers"]):
+            raise InputError(f"{annotations_path}: question_id {q['question_id']}: answers are not "
+                             "[{answer: str, ...}]")
         joined.append({**q, "answers": [x["answer"] for x in a["answers"]], "answer_type": a["answer_type"],
                        "question_type": a["question_type"], "multiple_choice_answer": a["multiple_choice_answer"]})
     return joined
@@ -73,42 +94,66 @@ def recipe_sets(splits: dict[str, list[dict]], minival: int = MINIVAL_QUESTIONS)
 
 def write_vqa_sets(splits: dict[str, list[dict]], source, out: str | Path, options: ShardOptions, *,
                    minival: int = MINIVAL_QUESTIONS, min_answer_count: int = MIN_ANSWER_COUNT,
-                   prepare=lambda record: record, max_regions: int = 100, source_name: str = "") -> dict[str, dict]:
+                   prepare=lambda record: record, max_regions: int = 100, source_name: str = "",
+                   lenient: bool = False) -> dict[str, dict]:
     """Write one shard set per recipe set under `out`; `source` has `ids` and `load(id)` (a
     `shards.sources` reader). Returns per set: questions, images, bytes, and images without
-    features (their questions are left out, and counted)."""
+    features. Images without features, or whose features cannot be read or are wrong, are
+    errors; with `lenient`, their questions are left out, and counted. Nothing is in place
+    until every set is complete."""
     answered = [q for name in ANSWERED_SPLITS for q in splits.get(name, [])]
     if not answered:
-        raise ValueError("the answer vocabulary needs the train and/or val annotations")
+        raise InputError("the answer vocabulary needs the train and/or val annotations")
     answers = build_answer_vocabulary(answered, min_answer_count)
     features_of = {image_key(i): i for i in source.ids}
-    report = {}
-    for name, questions in recipe_sets(splits, minival).items():
-        by_image = defaultdict(list)
-        for q in questions:
-            by_image[image_key(q["image_id"])].append(q)
-        absent = sorted(k for k in by_image if k not in features_of)
-        if len(absent) == len(by_image):
-            raise ValueError(f"{name}: none of its {len(by_image)} images has features in {source_name or 'the source'}"
-                             f" (e.g. image {absent[0]}): are the features for the same images?")
-        kept = [k for k in by_image if k in features_of]
-        writer = ShardSetWriter(Path(out) / name, prefix=options.prefix, max_samples=options.samples_per_shard,
-                                max_bytes=options.max_shard_bytes, feature_dim=0, num_classes=0, class_topk=0,
-                                feature_dtype=options.feature_dtype, max_regions=max_regions,
-                                source=source_name, task={"name": "vqa", "split": name, "answers": answers,
-                                                          "examples": sum(len(by_image[k]) for k in kept)})
-        for key in tqdm(kept, desc=f"VQA {name}", unit="img"):
-            record = prepare(source.load(features_of[key]))
-            writer.index_fields["feature_dim"] = record["features"].shape[1]
-            meta = {"questions": [{k: q[k] for k in ("question_id", "question", "answers", "answer_type",
-                                                     "question_type") if k in q} for q in by_image[key]]}
-            arrays = {"features": record["features"].astype(options.feature_dtype, copy=False),
-                      "boxes": record["boxes"].astype("float32", copy=False)}
-            writer.write(key, encode_sample(key, key, [q["question"] for q in by_image[key]], record["image_w"],
-                                            record["image_h"], arrays, meta))
-        index = writer.close()
-        examples = index.task["examples"]
-        report[name] = {"questions": examples, "images": len(kept), "images_without_features": len(absent),
-                        "bytes": sum(s.bytes for s in index.shards),
-                        "bytes_per_question": sum(s.bytes for s in index.shards) / max(examples, 1)}
+    skipped, report, writers = Skipped(lenient), {}, []
+    try:
+        for name, questions in recipe_sets(splits, minival).items():
+            by_image = defaultdict(list)
+            for q in questions:
+                by_image[image_key(q["image_id"])].append(q)
+            absent = sorted(k for k in by_image if k not in features_of)
+            if len(absent) == len(by_image):
+                raise InputError(f"{name}: none of its {len(by_image)} images has features in "
+                                 f"{source_name or 'the source'} (e.g. image {absent[0]}): are the features for the "
+                                 "same images?")
+            if absent:
+                skipped.add(f"{name}: {len(absent)} images have no features (e.g. image {absent[0]}); their "
+                            "questions are left out", len(absent))
+            kept = [k for k in by_image if k in features_of]
+            writer = ShardSetWriter(Path(out) / name, prefix=options.prefix, max_samples=options.samples_per_shard,
+                                    max_bytes=options.max_shard_bytes, feature_dim=0, num_classes=0, class_topk=0,
+                                    feature_dtype=options.feature_dtype, max_regions=max_regions,
+                                    source=source_name, task={"name": "vqa", "split": name, "answers": answers})
+            writers.append(writer)
+            written = []
+            for key in tqdm(kept, desc=f"VQA {name}", unit="img"):
+                try:
+                    record = prepare(source.load(features_of[key]))
+                    feature_dim = writer.index_fields["feature_dim"] or record["features"].shape[1]
+                    meta = {"questions": [{k: q[k] for k in ("question_id", "question", "answers", "answer_type",
+                                                             "question_type") if k in q} for q in by_image[key]]}
+                    arrays = {"features": record["features"].astype(options.feature_dtype, copy=False),
+                              "boxes": record["boxes"].astype("float32", copy=False)}
+                    data = checked(encode_sample(key, key, [q["question"] for q in by_image[key]], record["image_w"],
+                                                 record["image_h"], arrays, meta), key, feature_dim, 0)
+                except InputError as e:
+                    skipped.add(f"{name}: {e}")
+                    continue
+                writer.index_fields["feature_dim"] = feature_dim
+                writer.write(key, data)
+                written.append(key)
+            writer.index_fields["task"]["examples"] = sum(len(by_image[k]) for k in written)
+            index = writer.finish()
+            examples = index.task["examples"]
+            report[name] = {"questions": examples, "images": len(written), "images_without_features": len(absent),
+                            "bytes": sum(s.bytes for s in index.shards),
+                            "bytes_per_question": sum(s.bytes for s in index.shards) / max(examples, 1)}
+        for writer in writers:
+            writer.commit()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    skipped.report()
     return report

@@ -1,7 +1,11 @@
-"""Write samples into numbered tar shards and the shard set's index."""
+"""Write samples into numbered tar shards and the shard set's index, atomically: a shard set
+is written into a hidden temporary directory beside its destination and moved into place
+only when it is complete, so a failed or interrupted write leaves no set that looks whole."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -10,6 +14,36 @@ from vilbert.data.format import SAMPLE_SUFFIX, ShardIndex, ShardInfo
 
 def shard_name(prefix: str, number: int) -> str:
     return f"{prefix}-{number:06d}.tar"
+
+
+class StagedDirectory:
+    """`path`: where to write (`.<name>.partial-<pid>` beside `final`); `commit()` replaces
+    `final` with it, `abort()` deletes it. As a context manager: commit on success, abort
+    on an exception."""
+
+    def __init__(self, final: str | Path):
+        self.final = Path(final)
+        self.path = self.final.parent / f".{self.final.name}.partial-{os.getpid()}"
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True)
+
+    def commit(self) -> None:
+        if self.final.exists():
+            old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+            self.final.rename(old)
+            self.path.rename(self.final)
+            shutil.rmtree(old)
+        else:
+            self.path.rename(self.final)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort() if exc[0] is not None else self.commit()
 
 
 class TarShard:
@@ -43,12 +77,13 @@ class TarShard:
 
 class ShardSetWriter:
     """Appends encoded samples to `<prefix>-NNNNNN.tar`, starting a new shard after
-    `max_samples` samples or `max_bytes` bytes; `close()` writes `index.json`."""
+    `max_samples` samples or `max_bytes` bytes; `close()` writes `index.json` and moves the
+    set into `directory`, `abort()` discards it. A set without a sample is an error."""
 
     def __init__(self, directory: str | Path, *, prefix: str = "shard", max_samples: int = 1000,
                  max_bytes: int | None = None, **index_fields):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.staged = StagedDirectory(self.directory)
         self.prefix, self.max_samples, self.max_bytes = prefix, max_samples, max_bytes
         self.index_fields = index_fields
         self.shards: list[ShardInfo] = []
@@ -62,7 +97,7 @@ class ShardSetWriter:
     def write(self, key: str, data: bytes) -> None:
         if self._current is None or self._full(len(data)):
             self._close_current()
-            self._current = TarShard(self.directory / shard_name(self.prefix, len(self.shards)))
+            self._current = TarShard(self.staged.path / shard_name(self.prefix, len(self.shards)))
         self._current.write(key, data)
 
     def _close_current(self) -> None:
@@ -70,11 +105,30 @@ class ShardSetWriter:
             self.shards.append(self._current.close())
             self._current = None
 
-    def close(self) -> ShardIndex:
+    def finish(self) -> ShardIndex:
+        """The complete set, index written, still in the temporary directory (`commit()`
+        moves it into place: several sets can be finished first and committed together)."""
         self._close_current()
+        if not self.shards:
+            self.abort()
+            raise ValueError(f"no sample was written to {self.directory}")
         index = ShardIndex(shards=self.shards, **self.index_fields)
-        index.write(self.directory)
+        index.write(self.staged.path)
         return index
+
+    def commit(self) -> None:
+        self.staged.commit()
+
+    def close(self) -> ShardIndex:
+        index = self.finish()
+        self.commit()
+        return index
+
+    def abort(self) -> None:
+        if self._current is not None:
+            self._current._file.close()
+            self._current = None
+        self.staged.abort()
 
     def __enter__(self):
         return self
@@ -83,4 +137,4 @@ class ShardSetWriter:
         if exc[0] is None:
             self.close()
         else:
-            self._close_current()
+            self.abort()

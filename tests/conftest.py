@@ -35,7 +35,7 @@ def corrupt_shards(tmp_path):
     from vilbert.data.format import ShardIndex, decode_sample, encode_sample, read_shard
 
     directory = write_sample_shards(tmp_path / "corrupt", n_shards=2, per_shard=40)
-    good = dict(read_shard(directory / "shard-000000.tar"))
+    good = {key: data for key, data, _ in read_shard(directory / "shard-000000.tar")}
     first = decode_sample(next(iter(good.values())))
     arrays = {k: first[k] for k in ("features", "boxes", "cls_index", "cls_prob")}
     nan = {**arrays, "features": np.full_like(arrays["features"], np.nan)}

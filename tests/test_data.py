@@ -11,7 +11,7 @@ from helpers import write_sample_shards
 from vilbert import ViLBERTConfig, ViLBERTForPretraining
 from vilbert.data import Collator, DataConfig, ShardStream, TooManyBadSamples, build_loader, load_tokenizer
 from vilbert.data.format import decode_sample, read_shard
-from vilbert.data.pipeline import resolve_shards
+from vilbert.data.pipeline import ShardLoader, resolve_shards
 from vilbert.data.tokenizer import CaptionTokenizer
 from vilbert.losses import IGNORE_INDEX
 
@@ -26,7 +26,8 @@ def _stream(directory, tokenizer, *, train, rank=0, world_size=1, **config):
     collator = Collator(tokenizer, max_regions=index.max_regions, num_classes=index.num_classes,
                         class_topk=index.class_topk)
     return ShardStream(urls, collator, DataConfig(shards=str(directory), **config), train=train, rank=rank,
-                       world_size=world_size, feature_dim=index.feature_dim)
+                       world_size=world_size, feature_dim=index.feature_dim, num_classes=index.num_classes,
+                       expected={s.name: s.samples for s in index.shards})
 
 
 def test_tokenizer_uses_the_real_vocabulary(tokenizer):
@@ -144,7 +145,7 @@ def test_negatives_never_pair_an_image_with_its_own_caption(tmp_path, tokenizer)
     # Every caption names its image ("a photo of img0007"), so the pairing can be read off.
     directory = write_sample_shards(tmp_path / "s", n_shards=2, per_shard=50)
     stream = _stream(directory, tokenizer, train=True, batch_size=50)
-    samples = [decode_sample(data) for _ in range(20) for url in stream.urls for _, data in read_shard(url)]
+    samples = [decode_sample(data) for _ in range(20) for url in stream.urls for _, data, _ in read_shard(url)]
     paired = list(stream._paired(iter(samples), random.Random(0)))
     assert len(paired) == 2000
     for sample in paired:
@@ -163,14 +164,16 @@ def test_bad_samples_are_skipped_and_counted(corrupt_shards, tokenizer, caplog):
     with caplog.at_level("WARNING"):
         list(stream)
     reasons = caplog.text
-    for expected in ("NaN or inf in features", "empty caption", "undecodable", "unreadable shard"):
+    for expected in ("NaN or inf in features", "empty caption", "header length", "unreadable shard", "samples lost"):
         assert expected in reasons
+    counts = stream.health.totals()
+    assert counts["bad"] == 3 * 2 and counts["lost"] > 1  # both passes; the truncated shard's rest counts as lost
 
 
 def test_too_many_bad_samples_stop_the_run(corrupt_shards, tokenizer):
     stream = _stream(corrupt_shards, tokenizer, train=True, batch_size=8, max_bad_fraction=0.01)
-    with pytest.raises(TooManyBadSamples, match="shards check"):
-        for _ in DataLoader(stream, batch_size=None, num_workers=2):
+    with pytest.raises(TooManyBadSamples, match="shards check"):  # raised in a worker, re-raised as itself
+        for _ in ShardLoader(DataLoader(stream, batch_size=None, num_workers=2), stream):
             pass
 
 

@@ -27,7 +27,7 @@ def _detections(n_images=5, classes=9, features=16, seed=0):
 
 
 def _read_all(directory):
-    return {key: decode_sample(data) for shard in sorted(directory.glob("*.tar")) for key, data in read_shard(shard)}
+    return {key: decode_sample(data) for shard in sorted(directory.glob("*.tar")) for key, data, _ in read_shard(shard)}
 
 
 def _check_round_trip(records, out_dir, captions):

@@ -1,14 +1,18 @@
-"""ViLBERT: two-stream vision-and-language BERT, pretraining and fine-tuning at scale."""
+"""ViLBERT: two-stream vision-and-language BERT, pretraining and fine-tuning at scale.
 
-from vilbert.config import PRESETS, ViLBERTConfig
-from vilbert.modeling import (
-    SingleStreamForPretraining,
-    SingleStreamModel,
-    ViLBERTForPretraining,
-    ViLBERTForTasks,
-    ViLBERTModel,
-)
+The names below are imported on first use, so that `vilbert --help`, `python -m shards` and
+the shard format do not pay for torch and transformers."""
 
-__all__ = ["ViLBERTConfig", "PRESETS", "ViLBERTModel", "ViLBERTForPretraining", "ViLBERTForTasks",
-           "SingleStreamModel", "SingleStreamForPretraining"]
+import importlib
+
+_EXPORTS = {"ViLBERTConfig": "vilbert.config", "PRESETS": "vilbert.config", "ViLBERTModel": "vilbert.modeling",
+            "ViLBERTForPretraining": "vilbert.modeling", "ViLBERTForTasks": "vilbert.modeling",
+            "SingleStreamModel": "vilbert.modeling", "SingleStreamForPretraining": "vilbert.modeling"}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vilbert' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

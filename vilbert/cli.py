@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vilbert.data.errors import DataError
+
 
 def _convert_official(args: argparse.Namespace) -> int:
     from vilbert.convert import convert_official
@@ -87,15 +89,21 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _check_pretrain(args: argparse.Namespace) -> None:
     """What can be checked before a job waits in a queue: the config, and the output directory."""
     from vilbert.train import load_config
+    from vilbert.train.config import check_inputs
     from vilbert.train.run_dir import plan
 
-    plan(load_config(args.config, args.overrides), args.resume, args.overwrite)
+    config = load_config(args.config, args.overrides)
+    check_inputs(config)
+    plan(config, args.resume, args.overwrite)
 
 
 def _check_finetune(args: argparse.Namespace) -> None:
+    from vilbert.train.config import check_inputs
     from vilbert.train.run_dir import plan
 
-    plan(_finetune_config(args), args.resume, args.overwrite)
+    config = _finetune_config(args)
+    check_inputs(config)
+    plan(config, args.resume, args.overwrite)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -132,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vilbert", description="ViLBERT pretraining and fine-tuning.")
     # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK says the same.
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
-    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="debug logs, and the traceback of an error")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_with_parents(common))
 
     convert = commands.add_parser(
         "convert-official", help="convert an official ViLBERT checkpoint into a save_pretrained directory",
@@ -188,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _with_parents(*parents: argparse.ArgumentParser):
+    """A subparser class that adds the common options to every subcommand."""
+    class Subcommand(argparse.ArgumentParser):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs, parents=[*kwargs.pop("parents", []), *parents])
+    return Subcommand
+
+
 @dataclass(frozen=True)
 class LaunchableCommand:
     parser: argparse.ArgumentParser
@@ -204,13 +222,15 @@ def launchable_commands() -> dict[str, LaunchableCommand]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 1 error, 2 bad arguments or a run already in the output
-    directory, 128 + N stopped by signal N after writing a checkpoint (143: SIGTERM)."""
+    """Exit status: 0 done, 1 error (one line: a bad config value, a missing file, data that
+    cannot feed the run; with --debug the traceback), 2 bad arguments or a run already in the
+    output directory, 128 + N stopped by signal N after writing a checkpoint (143: SIGTERM)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     from vilbert.train.interrupt import TrainingInterrupted
     from vilbert.train.run_dir import RunExists
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except RunExists as e:
@@ -219,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"vilbert {args.command}: {e}", file=sys.stderr)
         return e.exit_status
+    except (ValueError, OSError, DataError) as e:  # the user's to fix: say what, not where in our code
+        if args.debug:
+            raise
+        print(f"vilbert {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

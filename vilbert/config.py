@@ -145,7 +145,7 @@ class ViLBERTConfig(PretrainedConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> ViLBERTConfig:
         if name not in PRESETS:
-            raise KeyError(f"unknown ViLBERT preset {name!r}; choose from {sorted(PRESETS)}")
+            raise ValueError(f"unknown ViLBERT preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
 

@@ -9,6 +9,7 @@ Checkpoints are read with `weights_only=True` (or safetensors): loading never ru
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,11 +123,17 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)  # source keys we could not place
     dropped: dict[str, str] = field(default_factory=dict)  # source key -> why it is not needed
 
-    def summary(self) -> str:
+    def summary(self, limit: int | None = None) -> str:
+        """Counts, then the names: all of them, or the first `limit` of each kind."""
+        def names(kind: str, keys: list[str]) -> list[str]:
+            shown = keys if limit is None else keys[:limit]
+            more = [f"  ... and {len(keys) - len(shown)} more {kind}"] if len(keys) > len(shown) else []
+            return [f"  {kind}: {k}" for k in shown] + more
+
         lines = [f"loaded {len(self.loaded)} tensors; {len(self.missing)} missing, "
                  f"{len(self.unexpected)} unexpected, {len(self.dropped)} dropped"]
-        lines += [f"  missing (initialised fresh): {k}" for k in self.missing]
-        lines += [f"  unexpected (ignored): {k}" for k in self.unexpected]
+        lines += names("missing (initialised fresh)", self.missing)
+        lines += names("unexpected (ignored)", self.unexpected)
         for reason in sorted(set(self.dropped.values())):
             keys = [k for k, r in self.dropped.items() if r == reason]
             lines.append(f"  dropped {len(keys)} ({reason}): {keys[0]}{' ...' if len(keys) > 1 else ''}")
@@ -174,13 +181,22 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         if not found:
             raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
         path = found[0]
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # pickle, zip and safetensors errors: a file that is not a checkpoint
+        raise ValueError(f"{path} is not a PyTorch or safetensors checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    return state
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    if not tensors:
+        raise ValueError(f"{path} holds no tensors (a {type(state).__name__}): not a model checkpoint")
+    return tensors
 
 
 _TEXT_STREAM = (".text_embeddings.", ".encoder.text_layers.", "heads.mlm.")
@@ -196,7 +212,10 @@ def load_bert_into(model: nn.Module, bert) -> LoadReport:
     else:
         state = read_checkpoint(bert)
     report = load_state_into(model, state, keep=lambda ours: any(p in ours for p in _TEXT_STREAM))
-    log.info("BERT initialisation of %s:\n%s", type(model).__name__, report.summary())
+    if os.environ.get("RANK", "0") == "0":  # every rank loads the same; one report is enough
+        log.info("BERT initialisation of %s (the rest starts fresh; --debug lists every name): %s",
+                 type(model).__name__, report.summary(limit=3))
+        log.debug("BERT initialisation in full:\n%s", report.summary())
     return report
 
 
@@ -219,6 +238,14 @@ def convert_official(config_path: str | Path, checkpoint_path: str | Path, out_d
     model_class = {"tasks": ViLBERTForTasks, "pretraining": ViLBERTForPretraining}[model_kind]
     model = model_class(config)
     report = load_state_into(model, state)
+    base = f"{model.base_model_prefix}."
+    encoder = [k for k in model.state_dict() if k.startswith(base)]
+    missing = [k for k in report.missing if k.startswith(base)]
+    if missing:
+        raise ValueError(f"{checkpoint_path} gave {len(encoder) - len(missing)} of the {len(encoder)} tensors of "
+                         f"ViLBERT's streams and co-attention layers (e.g. {missing[0]} is missing; "
+                         f"{len(report.unexpected)} of its keys are unknown): is it an official ViLBERT checkpoint, "
+                         f"and is {config_path} its config?")
     if report.missing or report.unexpected:
         log.warning("official checkpoint %s does not fully cover %s:\n%s", checkpoint_path, model_class.__name__,
                     report.summary())

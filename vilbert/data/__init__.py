@@ -1,9 +1,16 @@
-"""Shard format and the streaming pretraining pipeline."""
+"""Shard format and the streaming pipeline (names imported on first use: the format needs
+numpy only, the pipeline torch)."""
 
-from vilbert.data.collate import Batch, Collator
-from vilbert.data.format import ShardIndex, decode_sample, encode_sample
-from vilbert.data.pipeline import DataConfig, ShardStream, TooManyBadSamples, build_loader, resolve_shards
-from vilbert.data.tokenizer import load_tokenizer
+import importlib
 
-__all__ = ["Batch", "Collator", "DataConfig", "ShardIndex", "ShardStream", "TooManyBadSamples", "build_loader",
-           "decode_sample", "encode_sample", "load_tokenizer", "resolve_shards"]
+_EXPORTS = {"Batch": "collate", "Collator": "collate", "ShardIndex": "format", "decode_sample": "format",
+            "encode_sample": "format", "DataConfig": "pipeline", "ShardStream": "pipeline", "build_loader": "pipeline",
+            "resolve_shards": "pipeline", "TooManyBadSamples": "errors", "EmptyStream": "errors",
+            "DataError": "errors", "load_tokenizer": "tokenizer"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vilbert.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"vilbert.data.{_EXPORTS[name]}"), name)

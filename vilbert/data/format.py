@@ -27,22 +27,30 @@ subset of a larger one).
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
+import re
 import struct
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-MAGIC = b"VLB1"
+from vilbert.data.errors import BadSample, ShardError
+
+MAGIC = b"VLB2"  # preamble: magic, uint32 header length, uint32 CRC-32 of everything after the preamble
+LEGACY_MAGIC = b"VLB1"  # the first format: no checksum (still read; `check` counts these as unverified)
+_PREAMBLE = struct.Struct("<4sII")
 SAMPLE_SUFFIX = "vlb"
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "vilbert-shards/1"
 _ALIGN = 16
-
-
-class BadSample(ValueError):
-    """A sample that cannot be used; the message says why."""
+MAX_SAMPLE_BYTES = 64 << 20  # a tar member claiming more is damage (100 regions x 2048 float32 are 0.8 MB)
+_ARRAY_KINDS = "biuf"  # booleans, integers, floats: never objects, strings or structured types
+_HEADER_FIELDS = {"key": str, "image_id": str, "captions": list, "image_w": int, "image_h": int, "meta": dict,
+                  "arrays": dict}
 
 
 def encode_sample(key: str, image_id: str, captions: list[str], image_w: int, image_h: int,
@@ -57,61 +65,114 @@ def encode_sample(key: str, image_id: str, captions: list[str], image_w: int, im
     header = json.dumps({"key": key, "image_id": str(image_id), "captions": list(captions), "image_w": int(image_w),
                          "image_h": int(image_h), "meta": meta or {}, "arrays": specs},
                         separators=(",", ":")).encode()
-    head = MAGIC + struct.pack("<I", len(header)) + header
-    head += b"\0" * (-len(head) % _ALIGN)  # so the payload (and every array) starts aligned
-    return b"".join([head, *chunks])
+    header += b"\0" * (-(_PREAMBLE.size + len(header)) % _ALIGN)  # so the payload (every array) starts aligned
+    checksum = zlib.crc32(header)
+    for chunk in chunks:
+        checksum = zlib.crc32(chunk, checksum)
+    return b"".join([_PREAMBLE.pack(MAGIC, len(header), checksum), header, *chunks])
 
 
-def decode_sample(data: bytes) -> dict:
-    """Header fields plus one numpy array per stored array. Raises BadSample."""
-    if len(data) < 8 or data[:4] != MAGIC:
-        raise BadSample("not a vilbert sample (bad magic)")
-    (length,) = struct.unpack_from("<I", data, 4)
+def decode_sample(data: bytes, verify: bool = True) -> dict:
+    """Header fields plus one numpy array per stored array (views of `data`). Every field
+    is checked before it is used (no allocation or read is sized from an unchecked value);
+    with `verify`, the CRC-32 of header and payload too. Raises BadSample."""
+    view = memoryview(data)
+    if len(data) >= _PREAMBLE.size and data[:4] == MAGIC:
+        _, length, checksum = _PREAMBLE.unpack_from(data)
+        start = _PREAMBLE.size
+        if verify and zlib.crc32(view[start:]) != checksum:
+            raise BadSample(f"checksum mismatch: the sample's bytes are damaged (stored {checksum:08x}, "
+                            f"computed {zlib.crc32(view[start:]):08x})")
+    elif len(data) >= 8 and data[:4] == LEGACY_MAGIC:
+        (length,), start = struct.unpack_from("<I", data, 4), 8
+    else:
+        raise BadSample(f"not a vilbert sample (magic {bytes(data[:4])!r})")
+    if start + length > len(data):
+        raise BadSample(f"header length {length} runs past the sample's {len(data)} bytes")
     try:
-        sample = json.loads(data[8:8 + length])
+        sample = json.loads(bytes(view[start:start + length]).rstrip(b"\0"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadSample(f"undecodable header: {e}") from None
-    start = 8 + length + (-(8 + length) % _ALIGN)
-    for name, (dtype, shape, offset) in sample.pop("arrays").items():
-        count = int(np.prod(shape))
-        try:
-            sample[name] = np.frombuffer(data, dtype=np.dtype(dtype), count=count,
-                                         offset=start + offset).reshape(shape)
-        except (ValueError, TypeError) as e:
-            raise BadSample(f"undecodable array {name!r}: {e}") from None
+    if not isinstance(sample, dict):
+        raise BadSample(f"header is a JSON {type(sample).__name__}, not an object")
+    for name, kind in _HEADER_FIELDS.items():
+        if not isinstance(sample.get(name), kind) or isinstance(sample[name], bool):
+            raise BadSample(f"header field {name!r} is {sample.get(name)!r:.40}, expected a {kind.__name__}")
+    payload = start + length + (-(start + length) % _ALIGN)
+    for name, spec in sample.pop("arrays").items():
+        sample[name] = _array(view, payload, name, spec)
     return sample
 
 
-def validate_sample(sample: dict, feature_dim: int | None = None) -> None:
-    """Raise BadSample for what would poison training: missing or empty captions, zero
-    boxes, wrong shapes, NaN/inf features or boxes."""
-    if not sample.get("captions") or not all(isinstance(c, str) and c.strip() for c in sample["captions"]):
+def _array(view: memoryview, payload: int, name: str, spec) -> np.ndarray:
+    if not (isinstance(spec, list) and len(spec) == 3 and isinstance(spec[0], str) and isinstance(spec[1], list)
+            and all(type(n) is int and n >= 0 for n in [*spec[1], spec[2]])):
+        raise BadSample(f"array {name!r}: descriptor {spec!r:.60} is not [dtype, shape, offset]")
+    dtype, shape, offset = spec
+    try:
+        dtype = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise BadSample(f"array {name!r}: unknown dtype {dtype!r:.30}") from None
+    if dtype.kind not in _ARRAY_KINDS or dtype.itemsize > 8 or len(shape) > 4:
+        raise BadSample(f"array {name!r}: {dtype} of {len(shape)} dimensions is not a stored array type")
+    count = math.prod(shape)
+    if payload + offset + count * dtype.itemsize > len(view):
+        raise BadSample(f"array {name!r} ({dtype}, shape {shape}, offset {offset}) runs past the sample's end")
+    return np.frombuffer(view.obj, dtype=dtype, count=count, offset=payload + offset).reshape(shape)
+
+
+def validate_sample(sample: dict, feature_dim: int | None = None, num_classes: int | None = None) -> None:
+    """Raise BadSample for what would poison training or crash it later: missing or empty
+    captions, zero boxes, shapes that disagree with each other or the index, NaN/inf, boxes
+    outside the image, class indices past the class count."""
+    if not sample["captions"] or not all(isinstance(c, str) and c.strip() for c in sample["captions"]):
         raise BadSample("empty caption")
     for name in ("features", "boxes"):
         if name not in sample:
             raise BadSample(f"missing array {name!r}")
     features, boxes = sample["features"], sample["boxes"]
-    if features.ndim != 2 or features.shape[0] == 0:
-        raise BadSample(f"zero boxes (features of shape {features.shape})")
+    if features.ndim != 2 or features.shape[0] == 0 or features.dtype.kind != "f":
+        raise BadSample(f"zero boxes or not features ({features.dtype} of shape {features.shape})")
     if feature_dim is not None and features.shape[1] != feature_dim:
         raise BadSample(f"wrong feature shape {features.shape}, expected [N, {feature_dim}]")
     if boxes.shape != (features.shape[0], 4):
         raise BadSample(f"wrong box shape {boxes.shape} for {features.shape[0]} regions")
-    if "cls_index" in sample and sample["cls_prob"].shape != sample["cls_index"].shape:
-        raise BadSample("cls_prob and cls_index shapes differ")
-    if "cls_prob" in sample and len(sample["cls_prob"]) != features.shape[0]:
-        raise BadSample(f"class distributions for {len(sample['cls_prob'])} of {features.shape[0]} regions")
     for name in ("features", "boxes", "cls_prob"):
         if name in sample and not _all_finite(sample[name]):
             raise BadSample(f"NaN or inf in {name}")
-    if sample["image_w"] <= 0 or sample["image_h"] <= 0:
-        raise BadSample(f"bad image size {sample['image_w']}x{sample['image_h']}")
+    width, height = sample["image_w"], sample["image_h"]
+    if width <= 0 or height <= 0:
+        raise BadSample(f"bad image size {width}x{height}")
+    slack = 1 + 0.01 * max(width, height)  # detectors round and pad boxes a little past the border
+    x1, y1, x2, y2 = boxes.astype(np.float32).T
+    if (x1 < -slack).any() or (y1 < -slack).any() or (x2 > width + slack).any() or (y2 > height + slack).any() \
+            or (x2 < x1).any() or (y2 < y1).any():
+        raise BadSample(f"a box lies outside the {width}x{height} image or is inverted")
+    _validate_classes(sample, features.shape[0], num_classes)
+
+
+def _validate_classes(sample: dict, regions: int, num_classes: int | None) -> None:
+    if "cls_prob" not in sample:
+        if num_classes:
+            raise BadSample(f"missing class distribution (the index says {num_classes} classes)")
+        return
+    prob = sample["cls_prob"]
+    if prob.ndim != 2 or len(prob) != regions:
+        raise BadSample(f"class distributions of shape {prob.shape} for {regions} regions")
+    if "cls_index" in sample:
+        index = sample["cls_index"]
+        if index.shape != prob.shape or index.dtype.kind not in "iu":
+            raise BadSample(f"cls_index ({index.dtype}, {index.shape}) does not match cls_prob {prob.shape}")
+        if num_classes and index.size and int(index.max()) >= num_classes:
+            raise BadSample(f"class index {int(index.max())} is past the {num_classes} classes")
+    elif num_classes and prob.shape[1] != num_classes:
+        raise BadSample(f"dense class distributions of {prob.shape[1]} classes, the index says {num_classes}")
 
 
 def _all_finite(array: np.ndarray) -> bool:
     if array.dtype == np.float16:  # exponent bits all ones = inf/NaN; integer ops beat isfinite on halves
         return not ((array.view(np.uint16) & 0x7C00) == 0x7C00).any()
-    return bool(np.isfinite(array).all())
+    return array.dtype.kind != "f" or bool(np.isfinite(array).all())
 
 
 def compact_class_distribution(probs: np.ndarray, k: int) -> tuple[np.ndarray | None, np.ndarray]:
@@ -159,12 +220,23 @@ class ShardIndex:
         path = Path(path)
         if path.is_dir():
             path = path / INDEX_NAME
-        fields = json.loads(path.read_text())
-        if fields.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{path}: not a {INDEX_FORMAT} index (format={fields.get('format')!r})")
-        fields.pop("num_samples", None)
-        fields["shards"] = [ShardInfo(**s) for s in fields["shards"]]
-        return cls(**fields)
+        try:
+            fields = json.loads(path.read_text())
+            if not isinstance(fields, dict) or fields.get("format") != INDEX_FORMAT:
+                raise ValueError(f"not a {INDEX_FORMAT} index")
+            fields.pop("num_samples", None)
+            fields["shards"] = [ShardInfo(**s) for s in fields["shards"]]
+            index = cls(**fields)
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: unreadable shard index ({type(e).__name__}: {e})") from None
+        for shard in index.shards:
+            if not isinstance(shard.name, str) or "/" in shard.name or type(shard.samples) is not int \
+                    or shard.samples < 0:
+                raise ValueError(f"{path}: bad shard entry {asdict(shard)}")
+        for name in ("feature_dim", "num_classes", "class_topk", "max_regions"):
+            if type(getattr(index, name)) is not int or getattr(index, name) < 0:
+                raise ValueError(f"{path}: {name} must be a non-negative integer, not {getattr(index, name)!r}")
+        return index
 
     def select_fraction(self, fraction: float, seed: int = 0) -> list[ShardInfo]:
         """Whole shards, in a seeded order, until `fraction` of the samples is covered.
@@ -180,6 +252,9 @@ class ShardIndex:
             chosen.append(shard)
             covered += shard.samples
         return chosen
+
+
+UNREADABLE = "unreadable shard"
 
 
 def open_url(url: str):
@@ -214,71 +289,112 @@ class _ReadInto:
 
 
 def read_shard(url: str):
-    """Yield (key, member bytes) for every sample member of a shard, streaming. A truncated
-    or corrupt tar raises `tarfile.TarError` or `EOFError` at the point of damage. The bytes
-    are a bytearray, so decoded arrays are writable views (torch wants those).
+    """Yield (key, bytes, None) for every `<key>.vlb` sample member of a shard, streaming;
+    any other member, or one followed by damaged padding, comes as (key or name, None, why).
+    Damage that stops the reading (a bad tar header, a size past the file's end, an early
+    end) raises ShardError naming the member and its byte offset. The bytes are a bytearray,
+    so decoded arrays are writable views (torch wants those).
 
     Reads the tar blocks directly (512-byte header, payload padded to 512): tarfile's
     streaming mode copies every payload through small buffers and costs more than the rest
     of decoding. GNU long names and pax `path` records are honoured."""
     import tarfile
 
-    suffix, long_name = "." + SAMPLE_SUFFIX, None
-    with open_url(url) as stream:
+    block, suffix, long_name, position, number = tarfile.BLOCKSIZE, "." + SAMPLE_SUFFIX, None, 0, 0
+    try:
+        stream = open_url(url)
+    except OSError as e:
+        raise ShardError(f"cannot open: {e}") from None
+    with stream:
+        file_size = _file_size(stream)
         while True:
-            header = stream.read(tarfile.BLOCKSIZE)
-            if len(header) < tarfile.BLOCKSIZE or header == tarfile.NUL * tarfile.BLOCKSIZE:
-                if header.strip(tarfile.NUL):
-                    raise EOFError("truncated tar header")
-                return  # end of archive
-            name, size, kind = _parse_tar_header(header)
+            header = stream.read(block)
+            if header == tarfile.NUL * block:  # end of archive: only zero blocks may follow
+                while rest := stream.read(1 << 16):
+                    if rest.strip(b"\0"):
+                        raise ShardError(f"non-zero bytes after the end-of-archive marker at byte {position}")
+                return
+            where = f"member {number} at byte {position}"
+            if len(header) < block:
+                raise ShardError(f"{where}: the shard ends without an end-of-archive marker (truncated)")
+            try:
+                name, size, kind = _parse_tar_header(header)
+            except ValueError as e:
+                raise ShardError(f"{where}: bad tar header ({e})") from None
+            where = f"member {number} {name!r:.80} at byte {position}"
+            position += block
+            if size > MAX_SAMPLE_BYTES or (file_size is not None and position + size > file_size):
+                raise ShardError(f"{where}: size {size} runs past the end of the shard or the "
+                                 f"{MAX_SAMPLE_BYTES >> 20} MiB a sample may have")
             data = bytearray(size)
             if stream.readinto(data) != size:
-                raise EOFError(f"{name} is truncated")
-            stream.read(-size % tarfile.BLOCKSIZE)
+                raise ShardError(f"{where}: truncated (the shard ends inside it)")
+            padding = stream.read(-size % block)
+            position, number = position + size + (-size % block), number + 1
+            damaged = padding.strip(b"\0") != b""
             if kind == tarfile.GNUTYPE_LONGNAME:
-                long_name = data.rstrip(b"\0").decode()
+                long_name = data.rstrip(b"\0").decode("utf-8", "replace")
             elif kind in (tarfile.XHDTYPE, tarfile.XGLTYPE):
-                long_name = next((r.split("=", 1)[1] for r in data.decode().split("\n") if " path=" in r), None)
+                records = data.decode("utf-8", "replace").split("\n")
+                long_name = next((r.split("=", 1)[1] for r in records if " path=" in r), None)
             else:
                 name, long_name = long_name or name, None
-                if kind in (tarfile.REGTYPE, tarfile.AREGTYPE) and name.endswith(suffix):
-                    yield name[:-len(suffix)], data
+                if not (kind in (tarfile.REGTYPE, tarfile.AREGTYPE) and name.endswith(suffix)):
+                    yield name, None, f"not a sample: member {name!r:.80} is not a regular .{SAMPLE_SUFFIX} file"
+                elif damaged:
+                    yield name[:-len(suffix)], None, "non-zero bytes in the tar padding after it: the file is damaged"
+                else:
+                    yield name[:-len(suffix)], data, None
+
+
+def _file_size(stream) -> int | None:
+    try:
+        return os.fstat(stream.fileno()).st_size
+    except (AttributeError, OSError, ValueError):
+        return None  # a pipe or remote stream: the per-sample limit bounds allocations
+
+
+_OCTAL = re.compile(rb"[0-7]*")
 
 
 def _parse_tar_header(header: bytes) -> tuple[str, int, bytes]:
-    """(name, size, type flag) of a ustar/GNU header block, checksum verified."""
-    import tarfile
-
+    """(name, size, type flag) of a ustar/GNU header block, checksum verified. Raises
+    ValueError for a bad checksum or a field that is not a number."""
     stored = header[148:156].split(b"\0", 1)[0].strip()
-    if not stored or int(stored, 8) != sum(header) - sum(header[148:156]) + 256:  # checksum field counts as spaces
-        raise tarfile.HeaderError("bad tar header checksum")
+    if not _OCTAL.fullmatch(stored) or int(stored, 8) != sum(header) - sum(header[148:156]) + 256:
+        raise ValueError("checksum mismatch")  # (the checksum field itself counts as spaces)
     name = header[:100].split(b"\0", 1)[0]
     prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\x00" else b""
     size_field = header[124:136]
-    size = (int.from_bytes(size_field[1:], "big") if size_field[0] & 0x80
-            else int(size_field.split(b"\0", 1)[0].strip() or b"0", 8))
-    return (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape"), size, header[156:157]
+    if size_field[0] & 0x80:  # GNU base-256 (0xff: negative)
+        size = int.from_bytes(size_field[1:], "big") if size_field[0] == 0x80 else -1
+    else:
+        digits = size_field.split(b"\0", 1)[0].strip()
+        size = int(digits or b"0", 8) if _OCTAL.fullmatch(digits) else -1
+    if size < 0:
+        raise ValueError(f"size field {size_field!r} is not a size")
+    return (prefix + b"/" + name if prefix else name).decode("utf-8", "replace"), size, header[156:157]
 
 
-UNREADABLE = "unreadable shard"
-
-
-def read_checked_samples(url: str, feature_dim: int | None = None):
-    """Yield (key, sample, problem) for every sample of a shard: the decoded, valid sample
-    and None, or None and why the sample is bad. A truncated or corrupt tar ends the shard
-    with one last problem, keyed `after <last key>`, that starts with UNREADABLE."""
-    import tarfile
-
-    key = "(start of shard)"
+def read_checked_samples(url: str, feature_dim: int | None = None, num_classes: int | None = None,
+                         verify: bool = True):
+    """Yield (key, sample, problem) for every member of a shard: the decoded, valid sample
+    and None, or None and why the member is bad. Damage that stops the reading ends the
+    shard with one last problem, keyed `member N at byte B`, that starts with UNREADABLE."""
+    key = None
     try:
-        for key, data in read_shard(url):
+        for key, data, problem in read_shard(url):
+            if problem is not None:
+                yield key, None, problem
+                continue
             try:
-                sample = decode_sample(data)
-                validate_sample(sample, feature_dim)
+                sample = decode_sample(data, verify)
+                if sample["key"] != key:
+                    raise BadSample(f"the member is named {key!r:.80} but holds sample {sample['key']!r:.80}")
+                validate_sample(sample, feature_dim, num_classes)
             except BadSample as e:
                 yield key, None, str(e)
                 continue
             yield key, sample, None
-    except (tarfile.TarError, OSError, EOFError) as e:
-        yield f"after {key}", None, f"{UNREADABLE} ({type(e).__name__}: {e})"
+    except ShardError as e:
+        yield (f"after {key}" if key is not None else "(start)"), None, f"{UNREADABLE}: {e}"

@@ -1,24 +1,31 @@
 """The input pipeline, shard URL to batch, in one place (pretraining and every task).
 
-    shard URLs ──(train: resampled with per-rank/worker seeds | eval: split by rank, then worker)
-      └─ read_shard ─ decode + validate (bad samples skipped, counted, rate-limited logs)
+    shard URLs ──(train: every rank and worker passes over all shards, each pass in a new seeded
+    │             order | eval: split by rank, then worker, one pass)
+      └─ read_shard ─ decode, checksum, validate (bad samples skipped and counted; samples a
+          │            damaged shard never reached counted as lost; rate-limited logs)
           └─ tasks: unpack each image's examples (e.g. its questions; features shared, not copied)
               └─ shuffle buffer (train)
                   └─ pretraining: caption choice + alignment negatives
                       └─ collate: pretraining `Collator` (tokenise, IMG token + 5-d locations,
                          mask tokens/regions) -> Batch | the task's collate -> TaskBatch
 
-Training streams forever (resampled shards: every rank and worker always has data, whatever
-the shard count); the engine counts steps, and the samples per epoch come from the index.
+Training streams forever (whatever the shard count, every rank and worker always has data);
+the engine counts steps, and the samples per epoch come from the index. A pass over all
+shards that yields no usable sample stops the stream with `EmptyStream` instead of spinning.
 Evaluation visits each sample exactly once across ranks and workers (given at least as many
 shards as ranks x workers). Mid-epoch positions are not resumable (WebDataset streams are
 not): a resumed run re-seeds the stream with its step instead.
+
+Data errors raised in a worker reach the trainer as themselves (`ShardLoader`), with their
+own one-line message; the workers' sample counts (`DataHealth`) are readable at any time.
 """
 
 from __future__ import annotations
 
 import glob
 import logging
+import multiprocessing
 import random
 import signal
 from collections import deque
@@ -29,7 +36,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vilbert.config import VISUAL_TARGET_KL
 from vilbert.data.collate import Collator
-from vilbert.data.format import INDEX_NAME, ShardIndex, read_checked_samples
+from vilbert.data.errors import DataError, EmptyStream, TooManyBadSamples
+from vilbert.data.format import INDEX_NAME, UNREADABLE, ShardIndex, read_checked_samples
 from vilbert.data.tokenizer import CaptionTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,36 +54,82 @@ class DataConfig:
     shuffle_buffer: int = 1000
     negative_probability: float = 0.5  # alignment negatives: caption of another image
     negative_buffer: int = 512
-    max_bad_fraction: float = 0.01  # stop when more of the samples seen by a worker are bad
+    max_bad_fraction: float = 0.01  # stop when more of a worker's last 10,000 samples are bad or lost
+    verify_checksums: bool = True  # each sample's CRC-32 (`shards check` always verifies)
     tokenizer: str | None = None  # vocab.txt or tokenizer directory (default: bert-base-uncased vocab)
     seed: int = 0
 
 
-class TooManyBadSamples(RuntimeError):
-    pass
+class DataHealth:
+    """Samples, bad samples and lost samples (never reached: a damaged shard's rest) per
+    worker, in memory shared with the trainer process, so the trainer can log them."""
+
+    FIELDS = ("samples", "bad", "lost")
+
+    def __init__(self, workers: int):
+        self.counts = multiprocessing.RawArray("q", len(self.FIELDS) * max(workers, 1))
+
+    def add(self, worker: int, field: str, n: int = 1) -> None:
+        self.counts[worker * len(self.FIELDS) + self.FIELDS.index(field)] += n
+
+    def totals(self) -> dict[str, int]:
+        return {name: sum(self.counts[i::len(self.FIELDS)]) for i, name in enumerate(self.FIELDS)}
 
 
 class BadSampleGuard:
-    """Counts samples and bad samples of one worker; logs the first few bad ones, then one
-    line per 1,000, and raises once more than `max_fraction` of at least 100 seen are bad."""
+    """Counts one worker's samples: logs the first few bad ones, then one line per 1,000,
+    and raises once the bad and lost samples among its last WINDOW samples are more than
+    `max_fraction` of WINDOW: a few bad samples clustered early never stop a healthy run,
+    mostly bad data stops it after max_fraction x WINDOW of them."""
 
-    LOG_FIRST, LOG_EVERY, MIN_SEEN = 10, 1000, 100
+    LOG_FIRST, LOG_EVERY, WINDOW = 10, 1000, 10_000
 
-    def __init__(self, max_fraction: float):
-        self.max_fraction, self.seen, self.bad = max_fraction, 0, 0
+    def __init__(self, max_fraction: float, health: DataHealth, worker: int):
+        self.max_fraction, self.health, self.worker = max_fraction, health, worker
+        self.recent, self.recent_bad, self.bad, self.lost = deque(maxlen=self.WINDOW), 0, 0, 0
+
+    def _push(self, bad: bool) -> None:
+        if len(self.recent) == self.WINDOW:
+            self.recent_bad -= self.recent[0]
+        self.recent.append(bad)
+        self.recent_bad += bad
 
     def good(self) -> None:
-        self.seen += 1
+        self._push(False)
+        self.health.add(self.worker, "samples")
 
     def record(self, shard: str, key: str, reason: str) -> None:
-        self.seen += 1
         self.bad += 1
+        self.health.add(self.worker, "bad")
+        self._push(True)
         if self.bad <= self.LOG_FIRST or self.bad % self.LOG_EVERY == 0:
-            log.warning("skipping bad sample %s in %s: %s (%d bad of %d seen)", key, shard, reason, self.bad, self.seen)
-        if self.seen >= self.MIN_SEEN and self.bad > self.max_fraction * self.seen:
-            raise TooManyBadSamples(f"{self.bad} of {self.seen} samples were bad (more than the allowed "
-                                    f"{self.max_fraction:.1%}); last: {key} in {shard}: {reason}. "
-                                    "Run `python -m shards check` on the shard set.")
+            log.warning("skipping bad sample %s in %s: %s (%d bad so far in this worker)", key, shard, reason,
+                        self.bad)
+        self._check(f"{key} in {shard}: {reason}")
+
+    def record_lost(self, shard: str, count: int, reason: str) -> None:
+        self.lost += count
+        self.health.add(self.worker, "lost", count)
+        for _ in range(min(count, self.WINDOW)):
+            self._push(True)
+        log.warning("%s: %d samples lost (%s; %d lost so far in this worker)", shard, count, reason, self.lost)
+        self._check(f"{shard}: {reason}")
+
+    def _check(self, last: str) -> None:
+        if self.recent_bad > self.max_fraction * self.WINDOW:
+            raise TooManyBadSamples(
+                f"{self.recent_bad} of the last {len(self.recent)} samples were bad or lost (more than "
+                f"data.max_bad_fraction={self.max_fraction:g} of {self.WINDOW}); last: {last}. "
+                "Run `python -m shards check` on the shard set.")
+
+
+@dataclass
+class StreamFailure:
+    """A data error raised in a worker, carried to the trainer as a stream item (DataLoader
+    would re-raise it with the worker's traceback folded into the message)."""
+
+    error_type: type
+    message: str
 
 
 def resolve_shards(spec: str, fraction: float = 1.0, seed: int = 0) -> tuple[list[str], ShardIndex | None]:
@@ -99,35 +153,75 @@ def resolve_shards(spec: str, fraction: float = 1.0, seed: int = 0) -> tuple[lis
 
 
 class ShardStream(IterableDataset):
-    """Batches for one rank; iterate it through a DataLoader with `batch_size=None`."""
+    """Batches for one rank; iterate it through a DataLoader with `batch_size=None`.
+    `expected`: shard file name -> sample count (the index's), to count lost samples."""
 
     def __init__(self, urls: list[str], collator, config: DataConfig, *, train: bool, rank: int = 0,
-                 world_size: int = 1, seed_offset: int = 0, feature_dim: int | None = None, task=None):
+                 world_size: int = 1, seed_offset: int = 0, feature_dim: int | None = None,
+                 num_classes: int | None = None, task=None, expected: dict[str, int] | None = None,
+                 health: DataHealth | None = None):
         super().__init__()
         self.urls, self.collator, self.config, self.train = urls, collator, config, train
         self.rank, self.world_size, self.seed_offset, self.feature_dim = rank, world_size, seed_offset, feature_dim
+        self.num_classes, self.expected = num_classes, expected or {}
         self.task = task  # None: pretraining (caption pairs); else a `vilbert.tasks.Task` (unpack + collate)
+        self.health = health or DataHealth(config.workers)
 
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
         return (info.id, info.num_workers) if info else (0, 1)
 
-    def _shard_urls(self, rng: random.Random):
+    def _passes(self, rng: random.Random):
+        """Lists of shard URLs to read in turn: training, endless passes over all shards, each
+        in a new order; evaluation, this rank's and worker's share, once."""
         worker, workers = self._worker()
-        if self.train:
-            while True:  # resampling: independent of how many shards there are
-                yield rng.choice(self.urls)
-        else:
-            yield from self.urls[self.rank::self.world_size][worker::workers]
+        if not self.train:
+            yield self.urls[self.rank::self.world_size][worker::workers]
+            return
+        while True:
+            urls = list(self.urls)
+            rng.shuffle(urls)
+            yield urls
 
     def _samples(self, rng: random.Random, guard: BadSampleGuard):
-        for url in self._shard_urls(rng):
-            for key, sample, problem in read_checked_samples(url, self.feature_dim):
-                if problem is not None:
+        """Good samples (a task's examples), bad ones reported to the guard; a training pass
+        that yields none at all raises EmptyStream."""
+        for urls in self._passes(rng):
+            usable = 0
+            for url in urls:
+                for sample in self._shard_samples(url, guard):
+                    usable += 1
+                    yield from sample
+            if self.train and not usable:
+                raise EmptyStream(f"a full pass over the {len(urls)} shards of {self.config.shards} gave no "
+                                  f"usable sample ({guard.bad} bad, {guard.lost} lost so far); run `python -m "
+                                  f"shards check {self.config.shards}`")
+
+    def _shard_samples(self, url: str, guard: BadSampleGuard):
+        """One shard: for each usable sample, the list of what it feeds (itself, or the
+        task's examples). Counts the shard's members against the index."""
+        members, end = 0, "the shard ends early"
+        for key, sample, problem in read_checked_samples(url, self.feature_dim, self.num_classes,
+                                                         self.config.verify_checksums):
+            if problem is not None and problem.startswith(UNREADABLE):
+                end = problem
+                if Path(url).name not in self.expected:
                     guard.record(url, key, problem)
-                    continue
-                guard.good()
-                yield sample
+                break
+            members += 1
+            if problem is None and self.task is not None:
+                try:
+                    sample = self.task.examples(sample)
+                except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+                    problem = f"task {self.task.name} cannot read it ({type(e).__name__}: {e})"
+            if problem is not None:
+                guard.record(url, key, problem)
+                continue
+            guard.good()
+            yield sample if self.task is not None else [sample]
+        missing = self.expected.get(Path(url).name, 0) - members
+        if missing > 0:
+            guard.record_lost(url, missing, f"{end}; the index says {self.expected[Path(url).name]} samples")
 
     def _shuffled(self, samples, rng: random.Random):
         buffer = []
@@ -163,22 +257,50 @@ class ShardStream(IterableDataset):
         rng = random.Random(seed)
         if self.task is None:
             self.collator.reseed(seed)  # its masking draws
-        guard = BadSampleGuard(self.config.max_bad_fraction)
+        guard = BadSampleGuard(self.config.max_bad_fraction, self.health, worker)
         samples = self._samples(rng, guard)
-        if self.task is not None:
-            samples = (example for sample in samples for example in self.task.examples(sample))
         if self.train:
             samples = self._shuffled(samples, rng)
         if self.task is None:
             samples = self._paired(samples, rng)
         batch = []
-        for sample in samples:
-            batch.append(sample)
-            if len(batch) == self.config.batch_size:
-                yield self.collator(batch)
-                batch = []
+        try:
+            for sample in samples:
+                batch.append(sample)
+                if len(batch) == self.config.batch_size:
+                    yield self.collator(batch)
+                    batch = []
+        except DataError as e:
+            yield StreamFailure(type(e), str(e))
+            return
         if batch and not self.train:
             yield self.collator(batch)
+
+
+class ShardLoader:
+    """A ShardStream's DataLoader: yields its batches, raises a worker's data error in the
+    trainer as itself, and raises EmptyStream for a one-pass stream without a single batch."""
+
+    def __init__(self, loader: DataLoader, stream: ShardStream):
+        self.loader, self.stream = loader, stream
+
+    @property
+    def health(self) -> DataHealth:
+        return self.stream.health
+
+    def __iter__(self):
+        batches = 0
+        for item in self.loader:
+            if isinstance(item, StreamFailure):
+                raise item.error_type(item.message)
+            batches += 1
+            yield item
+        if not batches:
+            stream, counts = self.stream, self.health.totals()
+            shards = len(stream.urls[stream.rank::stream.world_size])
+            raise EmptyStream(f"{stream.config.shards} gave no batch: rank {stream.rank} of {stream.world_size} read "
+                              f"{shards} of its {len(stream.urls)} shards and found {counts['samples']} usable, "
+                              f"{counts['bad']} bad and {counts['lost']} lost samples")
 
 
 def shard_index(config: DataConfig) -> ShardIndex:
@@ -193,7 +315,7 @@ def shard_index(config: DataConfig) -> ShardIndex:
 
 
 def build_loader(config: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1, seed_offset: int = 0,
-                 visual_target: int = VISUAL_TARGET_KL, task=None) -> tuple[DataLoader, ShardIndex]:
+                 visual_target: int = VISUAL_TARGET_KL, task=None) -> tuple[ShardLoader, ShardIndex]:
     """Pretraining batches, or with `task` (a `vilbert.tasks.Task`) that task's batches."""
     urls, index = resolve_shards(config.shards, config.fraction if train else 1.0, config.fraction_seed)
     index = index or shard_index(config)  # URLs carry no index
@@ -203,10 +325,11 @@ def build_loader(config: DataConfig, *, train: bool, rank: int = 0, world_size: 
         collator = Collator(CaptionTokenizer(load_tokenizer(config.tokenizer)), max_regions=index.max_regions,
                             num_classes=index.num_classes, class_topk=index.class_topk, visual_target=visual_target)
     stream = ShardStream(urls, collator, config, train=train, rank=rank, world_size=world_size,
-                         seed_offset=seed_offset, feature_dim=index.feature_dim, task=task)
+                         seed_offset=seed_offset, feature_dim=index.feature_dim, num_classes=index.num_classes,
+                         task=task, expected={s.name: s.samples for s in index.shards})
     loader = DataLoader(stream, batch_size=None, num_workers=config.workers, persistent_workers=False,
                         prefetch_factor=4 if config.workers else None, worker_init_fn=_leave_stop_signals_to_trainer)
-    return loader, index
+    return ShardLoader(loader, stream), index
 
 
 def _leave_stop_signals_to_trainer(worker_id: int) -> None:

@@ -26,10 +26,22 @@ def default_vocab() -> Path:
 def load_tokenizer(path: str | Path | None = None) -> BertTokenizerFast:
     """A tokenizer directory (`from_pretrained`) or a WordPiece `vocab.txt`."""
     path = Path(path) if path else default_vocab()
+    if not path.exists():
+        raise FileNotFoundError(f"data.tokenizer={path}: no such vocab.txt or tokenizer directory")
     if path.is_dir():
         return BertTokenizerFast.from_pretrained(str(path))
     # transformers 5 ignores `vocab_file=` here (every token becomes [UNK]); `vocab=` works.
     return BertTokenizerFast(vocab=str(path), do_lower_case=True)
+
+
+def check_vocabulary(path: str | Path | None, model_vocab_size: int) -> None:
+    """ValueError when the tokenizer can produce ids past the model's word embeddings (a
+    crash at the first batch that has such a token, far from its cause)."""
+    size = len(load_tokenizer(path))
+    if size > model_vocab_size:
+        raise ValueError(f"data.tokenizer={path or default_vocab()} has {size} tokens but the model's vocabulary has "
+                         f"{model_vocab_size} (model.overrides.vocab_size, or the BERT of model.bert): use the "
+                         "model's own vocabulary")
 
 
 class CaptionTokenizer:

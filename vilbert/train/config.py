@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,44 +108,128 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(self.to_dict())), sort_keys=False))
 
 
+class ConfigError(ValueError):
+    """A config value or file that cannot work; one line naming the key and what it takes."""
+
+
+_POSITIVE, _NON_NEGATIVE, _UNIT = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), \
+    (lambda v: 0 <= v <= 1, "in [0, 1]")
+LIMITS = {  # dotted key -> (test, what it takes): values that would crash or hang a run later
+    "data.fraction": (lambda v: 0 < v <= 1, "in (0, 1]"), "data.batch_size": _POSITIVE,
+    "data.workers": _NON_NEGATIVE, "data.shuffle_buffer": _POSITIVE, "data.negative_buffer": _POSITIVE,
+    "data.negative_probability": _UNIT, "data.max_bad_fraction": _UNIT,
+    "eval.every_steps": _NON_NEGATIVE, "eval.every_epochs": _NON_NEGATIVE, "eval.max_batches": _POSITIVE,
+    "optim.lr": _POSITIVE, "optim.weight_decay": _NON_NEGATIVE, "optim.eps": _POSITIVE,
+    "optim.warmup_fraction": _UNIT, "optim.steps": _POSITIVE, "optim.epochs": _NON_NEGATIVE,
+    "optim.global_batch_size": _POSITIVE, "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "each in [0, 1)"),
+    "checkpoint.every_steps": _POSITIVE, "checkpoint.keep_last": _POSITIVE, "tracking.log_every": _POSITIVE,
+}
+
+
+def _typed(key: str, value, hint):
+    """`value` as the field's type (`hint`), or ConfigError naming the key and the type."""
+    def fail(expected: str):
+        raise ConfigError(f"{key}={value!r} is not {expected}")
+
+    if hint == "Any" or hint is Any:
+        return value
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):  # `str | None`: None or the other type
+        inner = [h for h in typing.get_args(hint) if h is not type(None)]
+        return None if value is None else _typed(key, value, inner[0])
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            fail(f"a list of {len(args)} numbers")
+        return tuple(_typed(f"{key}[{i}]", v, h) for i, (v, h) in enumerate(zip(value, args)))
+    if typing.get_origin(hint) is dict:
+        return value if isinstance(value, dict) else fail("a mapping (key: value lines)")
+    if hint is bool:
+        return value if isinstance(value, bool) else fail("true or false")
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else fail("an integer")
+    if hint is float:
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                fail("a number")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else fail("a number")
+    if hint is str:
+        return value if isinstance(value, str) else fail("a string")
+    return value
+
+
 def build_section(cls, values: dict, where: str):
-    """`cls` (a config dataclass) from YAML values; unknown keys are an error naming them."""
+    """`cls` (a config dataclass) from YAML values. Unknown keys, values of the wrong type
+    and values outside their range (LIMITS) are a ConfigError naming the key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'the config'} must be a mapping (key: value lines), "
+                          f"not {values!r:.60}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(values) - set(known)
     if unknown:
-        raise ValueError(f"unknown config key(s) {sorted(f'{where}{k}' for k in unknown)}; "
-                         f"{where or 'top level'} takes {sorted(known)}")
-    defaults, kwargs = cls(), {}
+        raise ConfigError(f"unknown config key(s) {sorted(f'{where}{k}' for k in unknown)}; "
+                          f"{where or 'top level'} takes {sorted(known)}")
+    hints, defaults, kwargs = typing.get_type_hints(cls), cls(), {}
     for name, value in values.items():
-        default = getattr(defaults, name)
+        key, default = f"{where}{name}", getattr(defaults, name)
         if dataclasses.is_dataclass(default):
-            kwargs[name] = build_section(type(default), value or {}, f"{where}{name}.")
-        elif isinstance(default, tuple):
-            kwargs[name] = tuple(value)
-        elif isinstance(default, float) and isinstance(value, (int, str)):
-            kwargs[name] = float(value)  # YAML reads 1e-4 (no dot) as a string
-        else:
-            kwargs[name] = value
+            kwargs[name] = build_section(type(default), {} if value is None else value, f"{key}.")
+            continue
+        kwargs[name] = _typed(key, value, hints[name])
+        test, takes = LIMITS.get(key, (lambda v: True, ""))
+        if not test(kwargs[name]):
+            raise ConfigError(f"{key}={value!r} must be {takes}")
     return cls(**kwargs)
 
 
 def apply_override(tree: dict, assignment: str) -> None:
     """`optim.lr=5e-5` (values parsed as YAML: numbers, booleans, lists, null)."""
     key, sep, raw = assignment.partition("=")
-    if not sep:
-        raise ValueError(f"override {assignment!r} is not key=value")
+    if not sep or not all(key.strip().split(".")):
+        raise ConfigError(f"override {assignment!r} is not key=value (e.g. optim.lr=5e-5)")
     *parents, leaf = key.strip().split(".")
     node = tree
     for part in parents:
         node = node.setdefault(part, {})
-    node[leaf] = yaml.safe_load(raw)
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {part} is a value, not a section")
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {assignment!r}: the value is not YAML ({str(e).splitlines()[0]})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    tree = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+    tree = {}
+    if path:
+        if not Path(path).is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--config {path} must hold a mapping of sections, not {type(tree).__name__}")
     for assignment in overrides:
         apply_override(tree, assignment)
-    return build_section(TrainConfig, tree, "")
+    config = build_section(TrainConfig, tree, "")
+    from vilbert.config import PRESETS
+
+    if config.model.preset not in PRESETS:
+        raise ConfigError(f"model.preset={config.model.preset!r} is not a preset; choose from {sorted(PRESETS)}")
+    return config
+
+
+def check_inputs(config: TrainConfig) -> None:
+    """ConfigError for a file a training run reads that is not there (before it waits in a
+    queue, or builds anything)."""
+    if not Path(config.deepspeed).is_file():
+        raise ConfigError(f"deepspeed={config.deepspeed}: no such file (see deepspeed_configs/)")
+    for key, value in (("model.init", config.model.init), ("model.bert", config.model.bert),
+                       ("data.tokenizer", config.data.tokenizer)):
+        if value and value != "minilm" and not Path(value).exists():
+            raise ConfigError(f"{key}={value}: no such file or directory")
 
 
 def reconcile_batch_sizes(config: TrainConfig, world_size: int) -> int:

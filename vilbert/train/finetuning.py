@@ -123,6 +123,8 @@ def predict(model, batches, task, dtype: torch.dtype, device, collective_forward
 
 
 class FinetuningObjective:
+    data_health = None  # the training stream's sample counts (vilbert.data.pipeline.DataHealth)
+
     def __init__(self, config: TrainConfig, env):
         from vilbert.data.pipeline import shard_index
 
@@ -155,7 +157,9 @@ class FinetuningObjective:
         return loader
 
     def train_batches(self, seed_offset: int):
-        return iter(self._loader(self.config.data, True, seed_offset))
+        loader = self._loader(self.config.data, True, seed_offset)
+        self.data_health = loader.health
+        return iter(loader)
 
     def held_out(self):
         """The validation split's loader: each evaluation is a fresh pass over all of it."""

@@ -28,8 +28,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from vilbert.data.tokenizer import check_vocabulary
 from vilbert.train import checkpoint, run_dir
-from vilbert.train.config import TrainConfig, deepspeed_config
+from vilbert.train.config import TrainConfig, check_inputs, deepspeed_config
 from vilbert.train.distributed import init_distributed, slurm_job
 from vilbert.train.interrupt import TrainingInterrupted, stop_request
 from vilbert.train.optim import build_optimizer, retarget_schedule, warmup_linear_decay
@@ -49,6 +50,14 @@ def _unreported_grad_norm(engine) -> torch.Tensor | float:
     if engine.zero_optimization_stage() > 0 or not grads:
         return float("nan")
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def _data_counts(health) -> dict[str, int]:
+    """The training stream's bad and lost samples so far on this rank (summed over ranks when read)."""
+    if health is None:  # batches from a data factory (tests)
+        return {}
+    counts = health.totals()
+    return {"data/bad_samples": counts["bad"], "data/lost_samples": counts["lost"]}
 
 
 def _control_group(device_type: str):
@@ -100,6 +109,7 @@ def train(config: TrainConfig, make_objective, resume: str, overwrite: bool) -> 
 
 
 def _train(config: TrainConfig, make_objective, resume: str, overwrite: bool) -> dict[str, float]:
+    check_inputs(config)
     env, device_type = init_distributed()
     objective = make_objective(env)
     set_intra_op_threads(objective.data_workers)
@@ -113,6 +123,7 @@ def _train(config: TrainConfig, make_objective, resume: str, overwrite: bool) ->
     checkpoint.barrier()
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = objective.build_model()
+    check_vocabulary(config.data.tokenizer, model.config.vocab_size)
     ds_config = resolve_precision(deepspeed_config(config, env.world_size), device_type, config.bf16_fallback)
     optimizer = build_optimizer(model, config.optim)
     scheduler = warmup_linear_decay(optimizer, config.optim)
@@ -181,7 +192,7 @@ def _train(config: TrainConfig, make_objective, resume: str, overwrite: bool) ->
             state["step"], state["samples"] = step, state["samples"] + config.optim.global_batch_size
             improved = False
             if logged:  # the only host-device synchronisation of the loop
-                metrics = meter.read(env.world_size)
+                metrics = meter.read(env.world_size, _data_counts(objective.data_health))
                 grad_norm = engine.get_global_grad_norm()
                 metrics.update({"train/lr": engine.get_lr()[0], "train/samples_seen": state["samples"],
                                 "train/grad_norm": float(grad_norm if grad_norm is not None else own_grad_norm)})
@@ -209,6 +220,10 @@ def _train(config: TrainConfig, make_objective, resume: str, overwrite: bool) ->
             checkpoint.export(checkpoints, model_dir, best["tag"] if best else None)
             tracker.log_artifacts(Path(config.output_dir) / "config.yaml")
             tracker.log_artifacts(model_dir, "model")
+        if "data/bad_samples" in metrics:
+            log.info("data: %d bad samples skipped, %d lost in damaged shards (all ranks; the warnings above name "
+                     "them; `python -m shards check` lists every problem)", metrics["data/bad_samples"],
+                     metrics["data/lost_samples"])
         if best:
             summary = {f"best/{best['metric']}": best["value"], "best/step": best["step"]}
             tracker.log_metrics(summary, state["step"])

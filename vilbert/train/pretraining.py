@@ -35,8 +35,7 @@ def build_model(config: TrainConfig, feature_dim: int, num_classes: int):
     if not config.model.bert:
         return model_class(vil_config)
     bert = default_vocab() if config.model.bert == "minilm" else config.model.bert
-    model, report = model_class.from_bert(bert, vil_config)
-    log.info("text stream from %s: %d tensors loaded, %d start fresh", bert, len(report.loaded), len(report.missing))
+    model, _ = model_class.from_bert(bert, vil_config)  # logs what it loaded (rank 0)
     return model
 
 
@@ -44,6 +43,7 @@ class PretrainingObjective:
     name = "pretraining"
     metric_names = (*LOSSES, "alignment_accuracy")
     best_metric = None  # the newest checkpoint is the model
+    data_health = None  # the training stream's sample counts (vilbert.data.pipeline.DataHealth)
 
     def __init__(self, config: TrainConfig, env, data_factory=None):
         from vilbert.data.pipeline import shard_index
@@ -66,25 +66,31 @@ class PretrainingObjective:
         self.model = build_model(self.config, *dims)
         return self.model
 
-    def _shard_batches(self, data_config, seed_offset: int):
+    def _loader(self, data_config, *, train: bool, seed_offset: int, rank: int, world_size: int):
         from vilbert.data import build_loader
 
-        loader, _ = build_loader(data_config, train=True, rank=self.env.rank, world_size=self.env.world_size,
-                                 seed_offset=seed_offset, visual_target=self.model.config.visual_target)
-        return iter(loader)
+        loader, _ = build_loader(data_config, train=train, rank=rank, world_size=world_size, seed_offset=seed_offset,
+                                 visual_target=self.model.config.visual_target)
+        return loader
 
     def train_batches(self, seed_offset: int):
         if self.data_factory is not None:
             return self.data_factory(self.env.rank, self.env.world_size, seed_offset)
-        return self._shard_batches(self.config.data, seed_offset)
+        loader = self._loader(self.config.data, train=True, seed_offset=seed_offset, rank=self.env.rank,
+                              world_size=self.env.world_size)
+        self.data_health = loader.health
+        return iter(loader)
 
     def held_out(self):
-        """The held-out batches, drawn once and kept (compact, on the host), so that every
-        evaluation sees the same ones; None without held-out shards."""
+        """The held-out batches: the first `eval.max_batches` of one pass over the held-out
+        shards, drawn once and kept (compact, on the host) so that every evaluation sees the
+        same ones. Every rank draws the same batches (ZeRO-3 forwards are collective, and the
+        figures do not depend on the world size); None without held-out shards."""
         if not self.config.eval.shards:
             return None
         data = dataclasses.replace(self.config.data, shards=self.config.eval.shards, fraction=1.0)
-        return list(islice(self._shard_batches(data, EVAL_SEED_OFFSET), self.config.eval.max_batches))
+        loader = self._loader(data, train=False, seed_offset=EVAL_SEED_OFFSET, rank=0, world_size=1)
+        return list(islice(loader, self.config.eval.max_batches))
 
     def step(self, engine, batch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss to minimise and the step's metrics (`metric_names`, detached)."""

@@ -39,14 +39,18 @@ class StepMetrics:
         """Host-side counters: samples and real tokens fed, seconds spent waiting for data."""
         self.samples, self.tokens, self.waited = self.samples + samples, self.tokens + tokens, self.waited + waited
 
-    def read(self, world_size: int) -> dict[str, float]:
-        """The step's metrics averaged over ranks (a collective), and the window's rates; the
-        one place that waits for the device. The next step starts a new window."""
-        sums = self.sums.clone()
+    def read(self, world_size: int, totals: dict[str, int] | None = None) -> dict[str, float]:
+        """The step's metrics averaged over ranks and `totals` (per-rank counts, e.g. bad
+        samples) summed over ranks, in one collective, and the window's rates; the one
+        place that waits for the device. The next step starts a new window."""
+        totals = totals or {}
+        values = torch.cat([self.sums, torch.tensor(list(totals.values()), dtype=torch.float64,
+                                                    device=self.sums.device)])
         if world_size > 1:
-            dist.all_reduce(sums)
-            sums /= world_size
-        metrics = {f"train/{name}": value for name, value in zip(self.names, sums.tolist())}
+            dist.all_reduce(values)
+        values = values.tolist()
+        metrics = {f"train/{name}": value / world_size for name, value in zip(self.names, values)}
+        metrics.update(zip(totals, values[len(self.names):]))
         elapsed = time.perf_counter() - self.window_start
         metrics.update({"train/samples_per_s": self.samples * world_size / elapsed,
                         "train/tokens_per_s": self.tokens * world_size / elapsed,
