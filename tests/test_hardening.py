@@ -5,6 +5,7 @@ import json
 import random
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -136,6 +137,18 @@ def test_a_stream_with_nothing_to_give_stops_with_a_named_error(tmp_path, kind, 
     loader, _ = build_loader(DataConfig(shards=str(directory), batch_size=4, workers=1), train=train)
     with pytest.raises(EmptyStream, match=str(directory)):
         next(iter(loader))
+
+
+def test_a_rank_without_shards_of_a_split_is_not_an_error_but_an_empty_split_is(tmp_path):
+    import torch
+
+    from vilbert.train.finetuning import predict
+
+    directory = write_sample_shards(tmp_path / "one", n_shards=1, per_shard=5)
+    config = DataConfig(shards=str(directory), batch_size=4, workers=0)
+    assert list(build_loader(config, train=False, rank=1, world_size=2)[0]) == []  # rank 0 reads the one shard
+    with pytest.raises(EmptyStream, match="gave no example to evaluate on any rank"):
+        predict(torch.nn.Linear(1, 1), [], SimpleNamespace(name="vqa"), torch.float32, "cpu", source=str(directory))
 
 
 # --- writers ----------------------------------------------------------------------------------

@@ -278,8 +278,10 @@ class ShardStream(IterableDataset):
 
 
 class ShardLoader:
-    """A ShardStream's DataLoader: yields its batches, raises a worker's data error in the
-    trainer as itself, and raises EmptyStream for a one-pass stream without a single batch."""
+    """A ShardStream's DataLoader: yields its batches, and raises a worker's data error in the
+    trainer as itself. A one-pass stream that reads the whole shard set (one rank) and yields
+    no batch raises EmptyStream; split across ranks, the caller decides once the ranks' results
+    are together (`vilbert.train.finetuning.predict`)."""
 
     def __init__(self, loader: DataLoader, stream: ShardStream):
         self.loader, self.stream = loader, stream
@@ -295,12 +297,11 @@ class ShardLoader:
                 raise item.error_type(item.message)
             batches += 1
             yield item
-        if not batches:
-            stream, counts = self.stream, self.health.totals()
-            shards = len(stream.urls[stream.rank::stream.world_size])
-            raise EmptyStream(f"{stream.config.shards} gave no batch: rank {stream.rank} of {stream.world_size} read "
-                              f"{shards} of its {len(stream.urls)} shards and found {counts['samples']} usable, "
-                              f"{counts['bad']} bad and {counts['lost']} lost samples")
+        if not batches and self.stream.world_size == 1:
+            counts = self.health.totals()
+            raise EmptyStream(f"{self.stream.config.shards} gave no batch: its {len(self.stream.urls)} shards hold "
+                              f"{counts['samples']} usable, {counts['bad']} bad and {counts['lost']} lost samples; "
+                              f"run `python -m shards check {self.stream.config.shards}`")
 
 
 def shard_index(config: DataConfig) -> ShardIndex:

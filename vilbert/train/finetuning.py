@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from vilbert.data.errors import DataError, EmptyStream
 from vilbert.train.config import TrainConfig, build_section
 
 log = logging.getLogger(__name__)
@@ -93,16 +94,17 @@ def _lockstep(batches, device):
         if not more.item():
             return
         if batch is None and last is None:
-            raise RuntimeError("a rank has no evaluation batch at all: give the split at least as many shards as ranks")
+            raise DataError("a rank has no evaluation batch at all: give the split at least as many shards as ranks")
         last = batch if batch is not None else last
         yield last, batch is not None
 
 
 @torch.no_grad()
 def predict(model, batches, task, dtype: torch.dtype, device, collective_forward: bool = False,
-            show_progress: bool = False) -> list[tuple[dict, int]]:
+            show_progress: bool = False, source: str = "the split") -> list[tuple[dict, int]]:
     """(example, prediction) records of every rank (the same list on each), each example
-    once. Predictions stay on the device until the last batch."""
+    once. Predictions stay on the device until the last batch. No example at all (from
+    `source`, the shards) is EmptyStream."""
     model.eval()
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     steps = _lockstep(batches, device) if collective_forward and distributed else ((b, True) for b in batches)
@@ -119,6 +121,8 @@ def predict(model, batches, task, dtype: torch.dtype, device, collective_forward
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, records)
         records = [record for part in gathered for record in part]
+    if not records:
+        raise EmptyStream(f"{source} gave no example to evaluate on any rank; run `python -m shards check {source}`")
     return records
 
 
@@ -174,7 +178,8 @@ class FinetuningObjective:
 
     def evaluate(self, engine, loader, dtype: torch.dtype) -> dict[str, float]:
         records = predict(engine, loader, self.task, dtype, engine.device,
-                          collective_forward=engine.zero_optimization_stage() == 3, show_progress=self.env.is_main)
+                          collective_forward=engine.zero_optimization_stage() == 3, show_progress=self.env.is_main,
+                          source=self.config.eval.shards)
         return {f"val/{name}": value for name, value in self.task.evaluate(records).items()}
 
 
@@ -213,7 +218,7 @@ def evaluate_run(run_dir: str | Path, split: str, out: str | Path | None = None,
                                           config.bf16_fallback))
     model.to(device=device, dtype=dtype)
     loader, _ = build_loader(data, train=False, rank=env.rank, world_size=env.world_size, task=task)
-    records = predict(model, loader, task, dtype, device, show_progress=env.is_main)
+    records = predict(model, loader, task, dtype, device, show_progress=env.is_main, source=shards)
     metrics = task.evaluate(records)
     if env.is_main:
         out = Path(out or run_dir / f"results-{split_name}.json")
