@@ -10,6 +10,8 @@ everywhere, and `latest` always names the checkpoint just completed, which reten
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -119,6 +121,18 @@ def load(engine, directory: str | Path, tag: str) -> dict:
     return client_state[CLIENT_KEY]
 
 
+@contextlib.contextmanager
+def _quietly(what: str):
+    """What DeepSpeed's checkpoint conversion and transformers' writer print (their own
+    progress bars and notes, a dozen lines per export) goes to the debug log instead."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            yield
+    finally:
+        log.debug("%s said:\n%s", what, out.getvalue())
+
+
 def fp32_state_dict(directory: str | Path, tag: str) -> dict[str, torch.Tensor]:
     """The full fp32 model weights of a checkpoint from any ZeRO stage: ZeRO 1-3 rebuild them
     from the partitioned fp32 master copies; ZeRO 0 keeps the module whole."""
@@ -126,7 +140,8 @@ def fp32_state_dict(directory: str | Path, tag: str) -> dict[str, torch.Tensor]:
 
     path = Path(directory) / tag
     if list(path.glob("zero_pp_rank_*_optim_states.pt")) or list(path.glob("bf16_zero_pp_rank_*_optim_states.pt")):
-        return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+        with _quietly("rebuilding fp32 weights"):
+            return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
     # Our own checkpoint (it holds DeepSpeed's objects, hence weights_only=False).
     module = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     return {k: v.float() for k, v in module.items()}
@@ -148,6 +163,7 @@ def export(directory: str | Path, out_dir: str | Path, tag: str | None = None):
     tied = {"heads.mlm.decoder.weight"}  # stored once, under the word embeddings
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"checkpoint {tag} does not match the model: missing {missing}, unexpected {unexpected}")
-    model.save_pretrained(out_dir)
+    with _quietly("save_pretrained"):
+        model.save_pretrained(out_dir)
     log.info("exported %s/%s to %s", directory, tag, out_dir)
     return model

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import warnings
 from dataclasses import dataclass
 
 
@@ -114,5 +115,9 @@ def init_distributed() -> tuple[DistEnv, str]:
 
     if device_type == "cuda":
         torch.cuda.set_device(env.local_rank)
+    # DeepSpeed's ZeRO calls a torch collective that torch marks deprecated: once per rank and
+    # step, and nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
     return env, device_type

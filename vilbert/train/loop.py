@@ -220,10 +220,12 @@ def _train(config: TrainConfig, make_objective, resume: str, overwrite: bool) ->
             checkpoint.export(checkpoints, model_dir, best["tag"] if best else None)
             tracker.log_artifacts(Path(config.output_dir) / "config.yaml")
             tracker.log_artifacts(model_dir, "model")
-        if "data/bad_samples" in metrics:
-            log.info("data: %d bad samples skipped, %d lost in damaged shards (all ranks; the warnings above name "
-                     "them; `python -m shards check` lists every problem)", metrics["data/bad_samples"],
-                     metrics["data/lost_samples"])
+        if metrics.get("data/bad_samples") or metrics.get("data/lost_samples"):
+            log.warning("data: %d bad samples skipped, %d lost in damaged shards (all ranks; the warnings above name "
+                        "them; `python -m shards check` lists every problem)", metrics["data/bad_samples"],
+                        metrics["data/lost_samples"])
+        elif "data/bad_samples" in metrics:
+            log.info("data: no bad or lost samples")
         if best:
             summary = {f"best/{best['metric']}": best["value"], "best/step": best["step"]}
             tracker.log_metrics(summary, state["step"])

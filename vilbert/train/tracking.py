@@ -105,6 +105,7 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         import mlflow
 
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "creating tables" on every new store
         self._mlflow = mlflow
         state = read_state(self.output_dir) if resumed_step is not None and not new_run else {}
         if state and (state.get("uri"), state.get("experiment")) != (self.uri, self.config.experiment):
