@@ -220,6 +220,9 @@ class ShardIndex:
         path = Path(path)
         if path.is_dir():
             path = path / INDEX_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path.parent} has no {INDEX_NAME}: not a shard set (`python -m shards write` "
+                                    "makes them), or a write that did not finish")
         try:
             fields = json.loads(path.read_text())
             if not isinstance(fields, dict) or fields.get("format") != INDEX_FORMAT:
@@ -396,5 +399,5 @@ def read_checked_samples(url: str, feature_dim: int | None = None, num_classes: 
                 yield key, None, str(e)
                 continue
             yield key, sample, None
-    except ShardError as e:
+    except (OSError, EOFError) as e:  # ShardError, and a `pipe:` command that failed
         yield (f"after {key}" if key is not None else "(start)"), None, f"{UNREADABLE}: {e}"

@@ -132,6 +132,13 @@ class StreamFailure:
     message: str
 
 
+def _check_local(spec: str) -> None:
+    """FileNotFoundError for a plain local path (no URL, pipe, glob or braces) that is not there."""
+    if "://" not in spec and not spec.startswith("pipe:") and not glob.has_magic(spec) and "{" not in spec \
+            and not Path(spec).exists():
+        raise FileNotFoundError(f"{spec}: no such shard-set directory or shard file")
+
+
 def resolve_shards(spec: str, fraction: float = 1.0, seed: int = 0) -> tuple[list[str], ShardIndex | None]:
     """Shard URLs and the index (when there is one) for a shard-set directory, an
     index.json, or a URL pattern (globs and {a..b} braces expanded; pipe: kept)."""
@@ -142,6 +149,7 @@ def resolve_shards(spec: str, fraction: float = 1.0, seed: int = 0) -> tuple[lis
         directory = path if path.is_dir() else path.parent
         index = ShardIndex.read(directory)
         return [str(directory / s.name) for s in index.select_fraction(fraction, seed)], index
+    _check_local(spec)
     urls = []
     for url in braceexpand.braceexpand(spec):
         urls += sorted(glob.glob(url)) if not url.startswith("pipe:") and glob.has_magic(url) else [url]
@@ -189,9 +197,9 @@ class ShardStream(IterableDataset):
         for urls in self._passes(rng):
             usable = 0
             for url in urls:
-                for sample in self._shard_samples(url, guard):
-                    usable += 1
-                    yield from sample
+                for fed in self._shard_samples(url, guard):
+                    usable += len(fed)  # a task's sample may hold no example (a VQA image without questions)
+                    yield from fed
             if self.train and not usable:
                 raise EmptyStream(f"a full pass over the {len(urls)} shards of {self.config.shards} gave no "
                                   f"usable sample ({guard.bad} bad, {guard.lost} lost so far); run `python -m "
@@ -309,6 +317,7 @@ def shard_index(config: DataConfig) -> ShardIndex:
     path = Path(config.shards)
     if path.is_dir() or path.name == INDEX_NAME:
         return ShardIndex.read(path)
+    _check_local(config.shards)
     if not config.index:
         raise ValueError(f"data.shards={config.shards!r} are URLs: the pipeline needs the shard set's {INDEX_NAME} "
                          f"(feature width, classes); set data.index to a local copy of it")
