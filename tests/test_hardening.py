@@ -61,6 +61,16 @@ def test_the_checksum_finds_a_flipped_payload_byte_and_can_be_skipped():
     assert decode_sample(data, verify=False)["features"].shape == (3, 8)  # data.verify_checksums=false
 
 
+def test_first_format_samples_are_still_read_unverified():
+    data = _sample()
+    length = int.from_bytes(data[4:8], "little")
+    header = data[12:12 + length].rstrip(b"\0")
+    legacy = b"VLB1" + len(header).to_bytes(4, "little") + header
+    legacy += b"\0" * (-len(legacy) % 16) + data[12 + length:]  # VLB1: no checksum, arrays after the aligned header
+    old, new = decode_sample(legacy), decode_sample(data)
+    assert old["key"] == new["key"] and all(np.array_equal(old[k], new[k]) for k in ("features", "boxes", "cls_prob"))
+
+
 @pytest.mark.parametrize("changes, reason", [
     ({"cls_index": np.array([[0, 1], [2, 9], [4, 0]], np.uint16)}, "class index 9 is past the 5 classes"),
     ({"boxes": np.array([[0, 0, 10, 10], [5, 5, 500, 40], [90, 70, 100, 80]], np.float32)}, "outside"),
