@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from shards.sources import InputError, Skipped
-from shards.writer import ShardSetWriter
+from shards.writer import ShardSetWriter, all_or_nothing
 from vilbert.data.format import (
     BadSample,
     ShardIndex,
@@ -70,7 +70,7 @@ def write_shard_sets(ids: list[str], load, captions: dict[str, list[str]], out: 
     ids = sorted(ids)
     random.Random(options.seed).shuffle(ids)
     writers, feature_dim, num_classes = {}, None, None
-    try:
+    with all_or_nothing() as staged:
         for image_id in tqdm(ids, desc=f"writing shards to {out}", unit="img"):
             if not captions.get(image_id):
                 skipped.add(f"image {image_id} has no caption")
@@ -92,16 +92,11 @@ def write_shard_sets(ids: list[str], load, captions: dict[str, list[str]], out: 
                     max_bytes=options.max_shard_bytes, feature_dim=feature_dim, num_classes=num_classes,
                     class_topk=min(options.class_topk, num_classes), feature_dtype=options.feature_dtype,
                     max_regions=max_regions, source=source, class_names=class_names or [])
+                staged.append(writers[split])
             writers[split].write(image_id, data)
         if not writers:
             raise InputError(f"no image had both features and captions: nothing written ({skipped.summary()})")
         indexes = {split: writer.finish() for split, writer in writers.items()}
-        for writer in writers.values():
-            writer.commit()
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
     skipped.report()
     return indexes
 

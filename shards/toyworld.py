@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards.writer import StagedDirectory, TarShard, shard_name
+from shards.writer import StagedDirectory, TarShard, all_or_nothing, shard_name
 from vilbert.data.format import ShardIndex, ShardInfo
 
 CLASSES = ["dog", "cat", "horse", "cow", "sheep", "bird", "car", "bus", "truck", "bicycle", "boat", "train",
@@ -235,32 +235,27 @@ def write_toyworld(out, train_images: int, val_images: int, *, seed: int = 0, fe
     # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang.
     pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (seed, feature_dim, setting_mention, 1)) \
         if workers > 1 else None
-    indexes, staged = {}, []
+    indexes = {}
     try:
-        for split, (start, count) in {"train": (0, train_images), "val": (train_images, val_images)}.items():
-            if count == 0:
-                continue
-            staged.append(StagedDirectory(Path(out) / split))  # in place only once every split is complete
-            directory = staged[-1].path
-            tasks = [(directory / shard_name(options.prefix, n), start + first, min(per_shard, count - first), options)
-                     for n, first in enumerate(range(0, count, per_shard))]
-            shards = []
-            with tqdm(total=count, desc=f"toy world {split}", unit="img") as progress:
-                for info in (pool.imap(_write_shard, tasks) if pool else map(_write_shard, tasks)):
-                    shards.append(info)
-                    progress.update(info.samples)
-            indexes[split] = ShardIndex(shards=shards, feature_dim=feature_dim, num_classes=len(CLASS_NAMES),
-                                        class_topk=min(options.class_topk, len(CLASS_NAMES)),
-                                        feature_dtype=options.feature_dtype, max_regions=MAX_REGIONS,
-                                        source=f"toyworld seed={seed} setting_mention={setting_mention}",
-                                        class_names=CLASS_NAMES)
-            indexes[split].write(directory)
-        for stage in staged:
-            stage.commit()
-    except BaseException:
-        for stage in staged:
-            stage.abort()
-        raise
+        with all_or_nothing() as staged:  # in place only once every split is complete
+            for split, (start, count) in {"train": (0, train_images), "val": (train_images, val_images)}.items():
+                if count == 0:
+                    continue
+                staged.append(StagedDirectory(Path(out) / split))
+                directory = staged[-1].path
+                tasks = [(directory / shard_name(options.prefix, n), start + first, min(per_shard, count - first),
+                          options) for n, first in enumerate(range(0, count, per_shard))]
+                shards = []
+                with tqdm(total=count, desc=f"toy world {split}", unit="img") as progress:
+                    for info in (pool.imap(_write_shard, tasks) if pool else map(_write_shard, tasks)):
+                        shards.append(info)
+                        progress.update(info.samples)
+                indexes[split] = ShardIndex(shards=shards, feature_dim=feature_dim, num_classes=len(CLASS_NAMES),
+                                            class_topk=min(options.class_topk, len(CLASS_NAMES)),
+                                            feature_dtype=options.feature_dtype, max_regions=MAX_REGIONS,
+                                            source=f"toyworld seed={seed} setting_mention={setting_mention}",
+                                            class_names=CLASS_NAMES)
+                indexes[split].write(directory)
     finally:
         if pool:
             pool.close()

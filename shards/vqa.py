@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from shards.build import ShardOptions, checked
 from shards.sources import InputError, Skipped
-from shards.writer import ShardSetWriter
+from shards.writer import ShardSetWriter, all_or_nothing
 from vilbert.data.format import encode_sample
 from vilbert.tasks.vqa import MIN_ANSWER_COUNT, build_answer_vocabulary
 
@@ -106,8 +106,8 @@ def write_vqa_sets(splits: dict[str, list[dict]], source, out: str | Path, optio
         raise InputError("the answer vocabulary needs the train and/or val annotations")
     answers = build_answer_vocabulary(answered, min_answer_count)
     features_of = {image_key(i): i for i in source.ids}
-    skipped, report, writers = Skipped(lenient), {}, []
-    try:
+    skipped, report = Skipped(lenient), {}
+    with all_or_nothing() as writers:
         for name, questions in recipe_sets(splits, minival).items():
             by_image = defaultdict(list)
             for q in questions:
@@ -149,11 +149,5 @@ def write_vqa_sets(splits: dict[str, list[dict]], source, out: str | Path, optio
             report[name] = {"questions": examples, "images": len(written), "images_without_features": len(absent),
                             "bytes": sum(s.bytes for s in index.shards),
                             "bytes_per_question": sum(s.bytes for s in index.shards) / max(examples, 1)}
-        for writer in writers:
-            writer.commit()
-    except BaseException:
-        for writer in writers:
-            writer.abort()
-        raise
     skipped.report()
     return report

@@ -4,6 +4,7 @@ only when it is complete, so a failed or interrupted write leaves no set that lo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tarfile
@@ -14,6 +15,21 @@ from vilbert.data.format import SAMPLE_SUFFIX, ShardIndex, ShardInfo
 
 def shard_name(prefix: str, number: int) -> str:
     return f"{prefix}-{number:06d}.tar"
+
+
+@contextlib.contextmanager
+def all_or_nothing():
+    """A list to add staged sets to (StagedDirectory, ShardSetWriter): all of them are moved
+    into place when the block succeeds, all are discarded when it fails."""
+    staged = []
+    try:
+        yield staged
+        for part in staged:
+            part.commit()
+    except BaseException:
+        for part in staged:
+            part.abort()
+        raise
 
 
 class StagedDirectory:
