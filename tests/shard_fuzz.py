@@ -96,6 +96,9 @@ def _edit_header(header: dict, rng: random.Random) -> str:
         spec[position] = rng.choice([junk, "<U4", "|O", "<f8", "V8", "<c8", [2 ** 31, 2 ** 31], [-3, 4], [0],
                                      [1, 2, 3, 4, 5, 6], 10 ** 9, -16])
         return f"arrays.{name}[{position}]={spec[position]!r}"
+    if rng.random() < 0.3:  # an array under a header field's name
+        header["arrays"][rng.choice(["image_w", "captions", "key"])] = header["arrays"].pop(name)
+        return f"arrays.{name} renamed"
     header["arrays"][name] = junk
     return f"arrays.{name}={junk!r}"
 

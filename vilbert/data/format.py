@@ -41,7 +41,7 @@ import numpy as np
 from vilbert.data.errors import BadSample, ShardError
 
 MAGIC = b"VLB2"  # preamble: magic, uint32 header length, uint32 CRC-32 of everything after the preamble
-LEGACY_MAGIC = b"VLB1"  # the first format: no checksum (still read; `check` counts these as unverified)
+LEGACY_MAGIC = b"VLB1"  # the first format: no checksum (still read, unverified)
 _PREAMBLE = struct.Struct("<4sII")
 SAMPLE_SUFFIX = "vlb"
 INDEX_NAME = "index.json"
@@ -100,6 +100,8 @@ def decode_sample(data: bytes, verify: bool = True) -> dict:
             raise BadSample(f"header field {name!r} is {sample.get(name)!r:.40}, expected a {kind.__name__}")
     payload = start + length + (-(start + length) % _ALIGN)
     for name, spec in sample.pop("arrays").items():
+        if name in sample:
+            raise BadSample(f"array {name!r} has the name of a header field")
         sample[name] = _array(view, payload, name, spec)
     return sample
 
