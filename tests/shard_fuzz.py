@@ -167,7 +167,7 @@ def run_case(shard_set: Path, original: dict[str, bytes], rng: random.Random, co
     from torch.utils.data import DataLoader
 
     from shards.check import check_shards
-    from vilbert.data import DataConfig, DataError, ShardIndex
+    from vilbert.data import DataConfig, DataError
     from vilbert.data.format import read_shard
     from vilbert.data.pipeline import ShardLoader, ShardStream, resolve_shards
 
@@ -186,7 +186,6 @@ def run_case(shard_set: Path, original: dict[str, bytes], rng: random.Random, co
         assert all(str(shard_set) in p.shard for p in problems), problems
         assert all(p.shard.endswith(name) for p in problems), f"{kind} {what} in {name}: {problems}"
         urls, index = resolve_shards(str(shard_set))
-        index = ShardIndex.read(shard_set)
         config = DataConfig(shards=str(shard_set), batch_size=BATCH_SIZE, workers=0, shuffle_buffer=8,
                             max_bad_fraction=rng.choice([0.0, 0.01]))  # 0: the first bad sample stops the stream
         stream = ShardStream(urls, collator, config, train=True, feature_dim=index.feature_dim,
