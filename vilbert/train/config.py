@@ -131,7 +131,7 @@ def _typed(key: str, value, hint):
     def fail(expected: str):
         raise ConfigError(f"{key}={value!r} is not {expected}")
 
-    if hint == "Any" or hint is Any:
+    if hint is Any:
         return value
     if typing.get_origin(hint) in (types.UnionType, typing.Union):  # `str | None`: None or the other type
         inner = [h for h in typing.get_args(hint) if h is not type(None)]
