@@ -385,7 +385,8 @@ def read_checked_samples(url: str, feature_dim: int | None = None, num_classes: 
                          verify: bool = True):
     """Yield (key, sample, problem) for every member of a shard: the decoded, valid sample
     and None, or None and why the member is bad. Damage that stops the reading ends the
-    shard with one last problem, keyed `member N at byte B`, that starts with UNREADABLE."""
+    shard with one last problem, keyed `after <last key>`, that starts with UNREADABLE and
+    names the member and byte offset."""
     key = None
     try:
         for key, data, problem in read_shard(url):

