@@ -38,6 +38,46 @@ def _add_shard_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prefix", default="shard")
 
 
+def _span(text: str) -> tuple[int, int]:
+    """argparse type: LOW-HIGH (or one number), inclusive."""
+    low, _, high = text.partition("-")
+    try:
+        return int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes LOW-HIGH, e.g. 2-4, got {text!r}") from None
+
+
+def _add_world_options(parser: argparse.ArgumentParser) -> None:
+    """The toy world's `WorldOptions`, one flag each; toyworld and toyvqa take the same ones,
+    so that VQA images come from the world the model was pretrained on."""
+    from shards.toyworld import WorldOptions
+
+    default = WorldOptions()
+    group = parser.add_argument_group("the toy world (defaults: the toy-transfer recipe)")
+    group.add_argument("--classes", type=int, default=default.classes, help="object classes (the first N)")
+    group.add_argument("--colours", type=int, default=default.colours, help="colours (the first N)")
+    group.add_argument("--objects", type=_span, default=default.objects, metavar="LOW-HIGH", help="per scene")
+    group.add_argument("--boxes-per-object", type=_span, default=default.boxes_per_object, metavar="LOW-HIGH",
+                       help="the tight box plus jittered ones")
+    group.add_argument("--background-boxes", type=_span, default=default.background_boxes, metavar="LOW-HIGH")
+    group.add_argument("--min-regions", type=int, default=default.min_regions)
+    group.add_argument("--noise", type=float, default=default.noise, help="std of every region's latent noise")
+    group.add_argument("--listing-colours", action=argparse.BooleanOptionalAction, default=default.listing_colours,
+                       help="listing captions name each object's colour")
+    group.add_argument("--setting-mention", type=float, default=default.setting_mention,
+                       help="how often a caption names the scene's setting (the setting is in every region: "
+                            "captions that name it let alignment be learnt from the setting alone)")
+
+
+def _world(args):
+    from shards.toyworld import WorldOptions
+
+    return WorldOptions(classes=args.classes, colours=args.colours, objects=args.objects,
+                        boxes_per_object=args.boxes_per_object, background_boxes=args.background_boxes,
+                        min_regions=args.min_regions, noise=args.noise, setting_mention=args.setting_mention,
+                        listing_colours=args.listing_colours)
+
+
 def _options(args):
     from shards.build import ShardOptions
 
@@ -76,7 +116,7 @@ def _toyworld(args) -> int:
     from shards.toyworld import write_toyworld
 
     indexes = write_toyworld(args.out, args.images, args.val_images, seed=args.seed, feature_dim=args.feature_dim,
-                             options=_options(args), workers=args.workers, setting_mention=args.setting_mention)
+                             options=_options(args), workers=args.workers, world=_world(args))
     for split, index in indexes.items():
         print(f"{split}: {index.num_samples} images in {len(index.shards)} shards -> {args.out}/{split}")
     return 0
@@ -126,7 +166,7 @@ def _toyvqa(args) -> int:
     from shards.toyvqa import write_toy_vqa
 
     report = write_toy_vqa(args.out, args.images, args.val_images, seed=args.seed, feature_dim=args.feature_dim,
-                           options=_options(args))
+                           options=_options(args), world=_world(args))
     _print_task_sets(report, args.out)
     return 0
 
@@ -162,9 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--val-images", type=int, default=2000)
     toy.add_argument("--feature-dim", type=_count, default=2048)
     toy.add_argument("--workers", type=_count, default=2, help="processes generating shards")
-    toy.add_argument("--setting-mention", type=float, default=1.0,
-                     help="how often a caption names the scene's setting (1: always, the demo; 0.25: no shortcut "
-                          "for alignment, see README 'Toy-world VQA and the transfer claim')")
+    _add_world_options(toy)
     _add_shard_options(toy)
     toy.set_defaults(run=_toyworld)
 
@@ -195,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     toyvqa.add_argument("--images", type=_count, default=4000, help="training images (5 questions each)")
     toyvqa.add_argument("--val-images", type=int, default=500)
     toyvqa.add_argument("--feature-dim", type=_count, default=2048, help="as the toy world it goes with")
+    _add_world_options(toyvqa)
     _add_shard_options(toyvqa)
     toyvqa.set_defaults(run=_toyvqa, samples_per_shard=250)
     return parser

@@ -1,12 +1,13 @@
 """Toy-world VQA: questions about toy-world scenes, answered by ten simulated people, written
 by the same converter as VQA 2.0 (`shards.vqa`).
 
-Question kinds, each balanced so that no answer type is dominated by one answer:
+Question kinds (each question's `question_type`), each balanced so that no answer type is
+dominated by one answer:
 
     existence  "is there a cat?"                       yes/no   (half about absent classes)
     relation   "is the dog to the left of the tree?"   yes/no   (half ask a wrong relation)
-    count      "how many objects are there?"           number   (2-6, uniform)
-    colour     "what colour is the car?"               other    (11 colours)
+    count      "how many objects are there?"           number   (the world's objects per scene)
+    colour     "what colour is the car?"               other    (the world's colours)
     size       "is the cup small or large?"            other
     setting    "where is this picture taken?"          other    (park, kitchen, beach, snow)
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.build import ShardOptions
-from shards.toyworld import CLASSES, COLOURS, SETTINGS, SIZES, ToyWorld, relation
+from shards.toyworld import SETTINGS, SIZES, ToyWorld, WorldOptions, relation
 from shards.vqa import write_vqa_sets
 
 VQA_FIRST_IMAGE = 1_000_000
@@ -52,9 +53,13 @@ def _people(answer: str, wrong: list[str], rng: np.random.Generator) -> list[str
     return answers
 
 
-def questions_for(scene: dict, rng: np.random.Generator) -> list[tuple[str, str, str, str, list[str]]]:
+KINDS = ("existence", "relation", "count", "colour", "size", "setting")
+
+
+def questions_for(scene: dict, rng: np.random.Generator, world: WorldOptions) -> list[tuple[str, str, str, str,
+                                                                                        list[str]]]:
     """(question, answer, answer_type, question_type, wrong answers to draw mistakes from)
-    for one scene (`meta["scene"]` form)."""
+    for one scene (`meta["scene"]` form) of a world with `world`'s classes and colours."""
     objects = scene["objects"]
     names = [o["name"] for o in objects]
     unique = [o for o in objects if names.count(o["name"]) == 1]
@@ -62,8 +67,8 @@ def questions_for(scene: dict, rng: np.random.Generator) -> list[tuple[str, str,
 
     def existence():
         present = rng.random() < 0.5
-        name = str(rng.choice(names)) if present else str(rng.choice([c for c in CLASSES if c not in names]))
-        return f"is there a {name}?", "yes" if present else "no", "yes/no", "is there a", YES_NO
+        name = str(rng.choice(names)) if present else str(rng.choice([c for c in world.class_names if c not in names]))
+        return f"is there a {name}?", "yes" if present else "no", "yes/no", "existence", YES_NO
 
     def relation_question():
         if len(unique) < 2:
@@ -72,25 +77,25 @@ def questions_for(scene: dict, rng: np.random.Generator) -> list[tuple[str, str,
         true = relation(np.array(unique[a]["box"]), np.array(unique[b]["box"]))
         asked_relation = true if rng.random() < 0.5 else str(rng.choice([r for r in RELATIONS if r != true]))
         return (f"is the {unique[a]['name']} {asked_relation} the {unique[b]['name']}?",
-                "yes" if asked_relation == true else "no", "yes/no", "is the", YES_NO)
+                "yes" if asked_relation == true else "no", "yes/no", "relation", YES_NO)
 
     def count():
-        return "how many objects are there?", str(len(objects)), "number", "how many", COUNTS
+        return "how many objects are there?", str(len(objects)), "number", "count", COUNTS
 
     def colour():
         if not unique:
             return None
         o = unique[rng.integers(len(unique))]
-        return f"what colour is the {o['name']}?", o["colour"], "other", "what color is the", COLOURS
+        return f"what colour is the {o['name']}?", o["colour"], "other", "colour", world.colour_names
 
     def size():
         if not unique:
             return None
         o = unique[rng.integers(len(unique))]
-        return f"is the {o['name']} small or large?", o["size"], "other", "is the", SIZES
+        return f"is the {o['name']} small or large?", o["size"], "other", "size", SIZES
 
     def setting():
-        return "where is this picture taken?", scene["setting"].split()[-1], "other", "where is the", PLACES
+        return "where is this picture taken?", scene["setting"].split()[-1], "other", "setting", PLACES
 
     kinds = [existence, relation_question, count, colour, size, setting]
     for k in rng.permutation(len(kinds)):
@@ -115,19 +120,21 @@ class _Images:
 
 
 def write_toy_vqa(out: str | Path, train_images: int, val_images: int, *, seed: int = 0, feature_dim: int = 2048,
-                  options: ShardOptions | None = None) -> dict[str, dict]:
-    """Write `out/train` and `out/val` toy VQA shard sets (images of the toy world of `seed`)."""
+                  options: ShardOptions | None = None, world: WorldOptions | None = None) -> dict[str, dict]:
+    """Write `out/train` and `out/val` toy VQA shard sets (images of the toy world of `seed`
+    with `world`'s options: give the ones of the world the model was pretrained on)."""
     from tqdm import tqdm
 
-    world, options = ToyWorld(seed, feature_dim), options or ShardOptions(samples_per_shard=250)
+    world = world or WorldOptions()
+    images_of, options = ToyWorld(seed, feature_dim, world), options or ShardOptions(samples_per_shard=250)
     rng = np.random.default_rng([seed, 0x5A])
     splits, images = {}, {}
     for split, (start, count) in {"train": (VQA_FIRST_IMAGE, train_images),
                                   "val": (VQA_FIRST_IMAGE + train_images, val_images)}.items():
         questions = []
-        for record in tqdm(world.generate(start, count), total=count, desc=f"toy VQA {split} images", unit="img"):
+        for record in tqdm(images_of.generate(start, count), total=count, desc=f"toy VQA {split} images", unit="img"):
             images[record["image_id"]] = record
-            for question, answer, answer_type, question_type, wrong in questions_for(record["scene"], rng):
+            for question, answer, answer_type, question_type, wrong in questions_for(record["scene"], rng, world):
                 people = _people(answer, wrong, rng)
                 questions.append({"question_id": len(questions) + (0 if split == "train" else 10_000_000),
                                   "image_id": record["image_id"], "question": question, "answers": people,
@@ -136,4 +143,4 @@ def write_toy_vqa(out: str | Path, train_images: int, val_images: int, *, seed: 
         splits[split] = questions
     return write_vqa_sets(splits, _Images(images), out, options, minival=0,
                           max_regions=max(len(r["boxes"]) for r in images.values()),
-                          source_name=f"toyworld seed={seed} images {VQA_FIRST_IMAGE}+")
+                          source_name=f"toyworld seed={seed} {world.describe()} images {VQA_FIRST_IMAGE}+")

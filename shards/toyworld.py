@@ -1,8 +1,8 @@
 """The toy world: a procedural vision-and-language dataset in the real shard format.
 
 Each image is a scene of objects (classes named by English words, with a colour and a
-size) in a frame. A pretend detector looks at it and proposes 10-36 regions: a tight box
-and jittered boxes around every object plus background boxes. Each region gets
+size) in a frame. A pretend detector looks at it and proposes regions: a tight box and
+jittered boxes around every object plus background boxes. Each region gets
 
 - a feature vector: ReLU(P (q * (e_class + e_colour + e_size) + (1 - q) * e_setting + noise)),
   where q is how much of the object the box covers; 2048-d like ResNet's pooled features;
@@ -12,10 +12,11 @@ and jittered boxes around every object plus background boxes. Each region gets
 Every scene has a setting (a park, a kitchen, a beach, snow) that is the background of all
 its regions, so it shows in the image as a whole (and in the IMG token, the mean of the
 regions) the way a real scene's context does. The scene is described by 3-5 captions
-naming objects, colours, sizes, counts and spatial relations, each ending with the
-setting. The scene itself travels in the sample's `meta` (setting, objects with their
-attributes, boxes and regions), so that questions, referring expressions and retrieval
-sets can be derived from the same images later.
+naming objects, colours, sizes, counts and spatial relations, some ending with the
+setting. How many classes, colours, objects and regions, how noisy the features and how
+often a caption names the setting are `WorldOptions`. The scene itself travels in the
+sample's `meta` (setting, objects with their attributes, boxes and regions), so that
+questions, referring expressions and retrieval sets can be derived from the same images.
 
 World parameters (embeddings, projection) depend on the seed only; image i is generated
 from (seed, i) alone, so any image is reproducible and train/val never overlap.
@@ -23,6 +24,7 @@ from (seed, i) alone, so any image is reproducible and train/val never overlap.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +42,50 @@ COLOURS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown"
 SIZES = ["small", "large"]
 SETTINGS = ["in a park", "in a kitchen", "on a beach", "in the snow"]
 BACKGROUND = "background"  # class 0 of the detector, as in the Visual Genome detector's 1601 classes
-CLASS_NAMES = [BACKGROUND] + CLASSES
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]
 _PLURALS = {"sheep": "sheep", "bus": "buses", "box": "boxes", "bench": "benches", "shelf": "shelves"}
-MIN_REGIONS, MAX_REGIONS = 10, 36
+MAX_REGIONS = 36
 LATENT_DIM = 64
+
+
+@dataclass(frozen=True)
+class WorldOptions:
+    """What the world holds. The defaults are the toy-transfer recipe (README "Toy-world
+    transfer"), found by measuring: a world small enough that a CPU run of a few thousand
+    image-caption pairs per word sees each word with each region often, and one whose captions
+    never name the setting, so alignment can only be learnt from the objects."""
+    classes: int = 12  # the first N of CLASSES (48 before the recipe)
+    colours: int = 6  # the first N of COLOURS (11)
+    objects: tuple[int, int] = (2, 4)  # per scene, inclusive ((2, 6))
+    boxes_per_object: tuple[int, int] = (1, 3)  # the tight box and jittered ones, inclusive ((2, 5))
+    background_boxes: tuple[int, int] = (2, 6)  # inclusive, topped up to min_regions ((4, 15))
+    min_regions: int = 4  # (10)
+    noise: float = 0.5  # std of the latent noise of every region
+    setting_mention: float = 0.0  # how often a caption names the setting (1.0): never, so no shortcut
+    listing_colours: bool = False  # "a picture of a red dog and a blue cup" instead of "... a dog and a cup"
+
+    def __post_init__(self):
+        checks = {"classes": 2 <= self.classes <= len(CLASSES), "colours": 2 <= self.colours <= len(COLOURS),
+                  "objects": 1 <= self.objects[0] <= self.objects[1] <= len(NUMBERS) - 1,
+                  "boxes_per_object": 1 <= self.boxes_per_object[0] <= self.boxes_per_object[1],
+                  "background_boxes": 0 <= self.background_boxes[0] <= self.background_boxes[1],
+                  "min_regions": 1 <= self.min_regions <= MAX_REGIONS, "noise": self.noise >= 0,
+                  "setting_mention": 0 <= self.setting_mention <= 1}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"toy world: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)} out of range "
+                             f"(at most {len(CLASSES)} classes, {len(COLOURS)} colours, {len(NUMBERS) - 1} objects)")
+
+    @property
+    def class_names(self) -> list[str]:
+        return CLASSES[:self.classes]
+
+    @property
+    def colour_names(self) -> list[str]:
+        return COLOURS[:self.colours]
+
+    def describe(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in asdict(self).items())
 
 
 def plural(word: str) -> str:
@@ -60,44 +101,50 @@ def relation(box_a: np.ndarray, box_b: np.ndarray) -> str:
 
 
 class ToyWorld:
-    def __init__(self, seed: int = 0, feature_dim: int = 2048, noise: float = 0.5, setting_mention: float = 1.0):
-        """`setting_mention`: how often a caption names the setting. The setting is in every
-        region, so captions that always name it let alignment be learnt from the setting alone
-        (at most 1 - 1/8 = 0.875 accuracy: a negative caption has the same setting 1 time in
-        4): quick to learn, as the demo needs, but a shortcut past the words-to-regions
-        grounding that transfers to VQA (README "Toy-world VQA and the transfer claim")."""
+    def __init__(self, seed: int = 0, feature_dim: int = 2048, options: WorldOptions | None = None):
+        """`options.setting_mention`: how often a caption names the setting. The setting is in
+        every region, so captions that always name it let alignment be learnt from the setting
+        alone (at most 1 - 1/8 = 0.875 accuracy: a negative caption has the same setting 1 time
+        in 4), a shortcut past the words-to-regions grounding that transfers to VQA. Embeddings
+        are drawn for every class and colour whatever the options, so one seed keeps its
+        vectors across worlds of different sizes."""
         rng = np.random.default_rng([seed, 0xC0FFEE])
-        self.seed, self.feature_dim, self.noise, self.setting_mention = seed, feature_dim, noise, setting_mention
+        self.seed, self.feature_dim, self.options = seed, feature_dim, options or WorldOptions()
         self.class_emb = rng.normal(size=(len(CLASSES), LATENT_DIM)).astype(np.float32)
         self.colour_emb = 0.8 * rng.normal(size=(len(COLOURS), LATENT_DIM)).astype(np.float32)
         self.size_emb = 0.5 * rng.normal(size=(len(SIZES), LATENT_DIM)).astype(np.float32)
         self.background_emb = rng.normal(size=(len(SETTINGS), LATENT_DIM)).astype(np.float32)  # one per setting
-        self.lookalike = rng.permutation(len(CLASSES))  # the class the detector mistakes each class for
+        # the class the detector mistakes each class for: a permutation of the world's classes
+        self.lookalike = np.argsort(rng.permutation(len(CLASSES))[:self.options.classes])
         self.projection = torch.from_numpy(
             (rng.normal(size=(LATENT_DIM, feature_dim)) / np.sqrt(LATENT_DIM)).astype(np.float32))
 
     @property
-    def num_classes(self) -> int:
-        return len(CLASS_NAMES)
+    def num_classes(self) -> int:  # the detector's: background + the world's classes
+        return self.options.classes + 1
+
+    @property
+    def class_names(self) -> list[str]:
+        return [BACKGROUND] + self.options.class_names
 
     # --- one image (arrays over its objects and regions) ------------------------------
     def scene(self, rng: np.random.Generator) -> dict:
         width, height = int(rng.integers(400, 641)), int(rng.integers(300, 481))
-        n = int(rng.integers(2, 7))
+        o = self.options
+        n = int(rng.integers(o.objects[0], o.objects[1] + 1))
         size = rng.integers(len(SIZES), size=n)
         extent = np.where(size[:, None] == 0, rng.uniform(0.1, 0.2, (n, 2)), rng.uniform(0.3, 0.5, (n, 2)))
         extent = extent * [width, height]
         corner = rng.uniform(0, 1, (n, 2)) * ([width, height] - extent)
         return dict(width=width, height=height, setting=int(rng.integers(len(SETTINGS))),
-                    cls=rng.integers(len(CLASSES), size=n),
-                    colour=rng.integers(len(COLOURS), size=n), size=size,
+                    cls=rng.integers(o.classes, size=n), colour=rng.integers(o.colours, size=n), size=size,
                     box=np.round(np.concatenate([corner, corner + extent], 1), 1).astype(np.float32))
 
     def regions(self, scene: dict, rng: np.random.Generator):
         """Boxes [N, 4], the object each region shows (-1: background) and its coverage q:
-        per object a tight box (q = 1) and 1-4 jittered ones, then background boxes."""
-        width, height, n = scene["width"], scene["height"], len(scene["cls"])
-        per_object = rng.integers(2, 6, size=n)
+        per object a tight box (q = 1) and jittered ones, then background boxes."""
+        width, height, n, o = scene["width"], scene["height"], len(scene["cls"]), self.options
+        per_object = rng.integers(o.boxes_per_object[0], o.boxes_per_object[1] + 1, size=n)
         owner = np.repeat(np.arange(n), per_object)
         first = np.concatenate([[0], np.cumsum(per_object)[:-1]])
         coverage = rng.uniform(0.5, 0.9, len(owner)).astype(np.float32)
@@ -105,7 +152,8 @@ class ToyWorld:
         box = scene["box"][owner]
         extent = np.tile(box[:, 2:] - box[:, :2], 2)
         object_boxes = box + rng.uniform(-1, 1, (len(owner), 4)) * (1 - coverage)[:, None] * extent
-        background = max(int(np.clip(len(owner) + rng.integers(4, 16), MIN_REGIONS, MAX_REGIONS)) - len(owner), 0)
+        wanted = len(owner) + rng.integers(o.background_boxes[0], o.background_boxes[1] + 1)
+        background = max(int(np.clip(wanted, o.min_regions, MAX_REGIONS)) - len(owner), 0)
         wh = rng.uniform(0.1, 0.6, (background, 2)) * [width, height]
         xy = rng.uniform(0, 1, (background, 2)) * ([width, height] - wh)
         boxes = np.concatenate([object_boxes, np.concatenate([xy, xy + wh], 1)])[:MAX_REGIONS]
@@ -121,7 +169,7 @@ class ToyWorld:
         content[owner >= 0] = (self.class_emb[scene["cls"][objects]] + self.colour_emb[scene["colour"][objects]]
                                + self.size_emb[scene["size"][objects]])
         background = self.background_emb[scene["setting"]]
-        noise = rng.normal(scale=self.noise, size=content.shape).astype(np.float32)
+        noise = rng.normal(scale=self.options.noise, size=content.shape).astype(np.float32)
         return coverage[:, None] * content + (1 - coverage[:, None]) * background + noise
 
     def class_distribution(self, scene: dict, owner: np.ndarray, coverage: np.ndarray, rng) -> np.ndarray:
@@ -158,13 +206,14 @@ class ToyWorld:
             return f"there {'is' if k == 1 else 'are'} {NUMBERS[k]} {CLASSES[c] if k == 1 else plural(CLASSES[c])}"
 
         def listing():
-            words = [f"a {CLASSES[cls[i]]}" for i in rng.permutation(n)]
-            return "a picture of " + ", ".join(words[:-1]) + " and " + words[-1]
+            words = [f"a {name(i, False) if self.options.listing_colours else CLASSES[cls[i]]}"
+                     for i in rng.permutation(n)]
+            return "a picture of " + (", ".join(words[:-1]) + " and " if n > 1 else "") + words[-1]
 
-        templates = (describe_one, describe_pair, count, listing)
+        templates = (describe_one, describe_pair, count, listing) if n > 1 else (describe_one, count, listing)
         setting = SETTINGS[scene["setting"]]
         captions = [templates[t]() for t in rng.integers(len(templates), size=int(rng.integers(3, 6)))]
-        return [f"{c} {setting}." if rng.random() < self.setting_mention else f"{c}." for c in captions]
+        return [f"{c} {setting}." if rng.random() < self.options.setting_mention else f"{c}." for c in captions]
 
     # --- many images ----------------------------------------------------------------
     def generate(self, start: int, count: int, chunk: int = 256):
@@ -202,11 +251,11 @@ def _readable(scene: dict, owner: np.ndarray) -> dict:
 _WORLD: ToyWorld | None = None
 
 
-def _init_worker(seed: int, feature_dim: int, setting_mention: float, threads: int | None = None) -> None:
+def _init_worker(seed: int, feature_dim: int, world: WorldOptions, threads: int | None = None) -> None:
     global _WORLD
     if threads:
         torch.set_num_threads(threads)
-    _WORLD = ToyWorld(seed, feature_dim, setting_mention=setting_mention)
+    _WORLD = ToyWorld(seed, feature_dim, world)
 
 
 def _write_shard(task) -> ShardInfo:
@@ -221,7 +270,7 @@ def _write_shard(task) -> ShardInfo:
 
 
 def write_toyworld(out, train_images: int, val_images: int, *, seed: int = 0, feature_dim: int = 2048,
-                   options=None, workers: int = 1, setting_mention: float = 1.0) -> dict[str, ShardIndex]:
+                   options=None, workers: int = 1, world: WorldOptions | None = None) -> dict[str, ShardIndex]:
     """Generate and write `out/train` and `out/val` (disjoint images); returns their indexes."""
     import multiprocessing
 
@@ -230,10 +279,10 @@ def write_toyworld(out, train_images: int, val_images: int, *, seed: int = 0, fe
     from shards.build import ShardOptions
 
     options = options or ShardOptions()
-    per_shard = options.samples_per_shard
-    _init_worker(seed, feature_dim, setting_mention)
+    per_shard, world = options.samples_per_shard, world or WorldOptions()
+    _init_worker(seed, feature_dim, world)
     # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang.
-    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (seed, feature_dim, setting_mention, 1)) \
+    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (seed, feature_dim, world, 1)) \
         if workers > 1 else None
     indexes = {}
     try:
@@ -250,11 +299,11 @@ def write_toyworld(out, train_images: int, val_images: int, *, seed: int = 0, fe
                     for info in (pool.imap(_write_shard, tasks) if pool else map(_write_shard, tasks)):
                         shards.append(info)
                         progress.update(info.samples)
-                indexes[split] = ShardIndex(shards=shards, feature_dim=feature_dim, num_classes=len(CLASS_NAMES),
-                                            class_topk=min(options.class_topk, len(CLASS_NAMES)),
+                indexes[split] = ShardIndex(shards=shards, feature_dim=feature_dim, num_classes=_WORLD.num_classes,
+                                            class_topk=min(options.class_topk, _WORLD.num_classes),
                                             feature_dtype=options.feature_dtype, max_regions=MAX_REGIONS,
-                                            source=f"toyworld seed={seed} setting_mention={setting_mention}",
-                                            class_names=CLASS_NAMES)
+                                            source=f"toyworld seed={seed} {world.describe()}",
+                                            class_names=_WORLD.class_names)
                 indexes[split].write(directory)
     finally:
         if pool:

@@ -56,7 +56,7 @@ def _untrained_accuracy(config_path):
     config = load_config(config_path)
     task = make_task(config)
     torch.manual_seed(config.seed)
-    model = build_task_model(config, task, task.index.feature_dim)
+    model, _ = build_task_model(config, task, task.index.feature_dim)
     loader, _ = build_loader(dataclasses.replace(config.data, shards=config.eval.shards), train=False, task=task)
     records = predict(model, loader, task, torch.float32, torch.device("cpu"))
     one_answer = max(task.evaluate([(example, answer) for example, _ in records])["accuracy"]
@@ -140,7 +140,7 @@ def test_a_pretrained_encoder_is_loaded_and_the_heads_start_fresh(tmp_path, toy_
     pretrained.save_pretrained(tmp_path / "pretrained")
     config = load_config(_config(tmp_path, toy_vqa, model={"init": str(tmp_path / "pretrained")}))
     task = make_task(config)
-    model = build_task_model(config, task, 32)
+    model, _ = build_task_model(config, task, 32)
     theirs = pretrained.vilbert.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in model.vilbert.state_dict().items())
     assert model.config.num_vqa_answers == len(task.answers) and model.config.id2label[0] == task.answers[0]

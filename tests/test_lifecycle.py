@@ -273,3 +273,25 @@ def test_sigterm_checkpoints_then_resume_runs_longer(tmp_path, toy_world):
     assert after[stopped + 20] == 0.0
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, stopped + 21))
+
+
+# --- parameter groups: a higher lr for the parameters that start fresh ------------------------------
+def test_fresh_parameters_get_fresh_lr_and_loaded_ones_lr():
+    from vilbert import ViLBERTConfig, ViLBERTForPretraining
+    from vilbert.train.optim import parameter_groups
+
+    model = ViLBERTForPretraining(ViLBERTConfig.from_preset("tiny"))
+    names = dict(model.named_parameters())
+    loaded = frozenset(k for k in model.state_dict() if ".text_" in k or k == "heads.mlm.decoder.weight")
+    groups = parameter_groups(model, OptimConfig(lr=1e-4, fresh_lr=1e-3, weight_decay=0.01), loaded)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert len(by_id) == sum(len(g["params"]) for g in groups) == len(names)  # each parameter once
+    words = names["vilbert.text_embeddings.word_embeddings.weight"]  # tied to heads.mlm.decoder.weight
+    assert by_id[id(words)]["lr"] == 1e-4 and by_id[id(words)]["weight_decay"] == 0.01
+    assert by_id[id(names["vilbert.encoder.text_layers.0.attention.query.bias"])]["lr"] == 1e-4
+    for name in ("vilbert.region_embeddings.feature.weight", "heads.alignment.weight"):
+        assert by_id[id(names[name])]["lr"] == 1e-3, name
+    assert by_id[id(names["heads.alignment.bias"])]["weight_decay"] == 0.0
+    assert groups[0]["lr"] == 1e-4 and groups[-1]["lr"] == 1e-3  # train/lr and train/fresh_lr read these
+    same = parameter_groups(model, OptimConfig(lr=1e-4, fresh_lr=0.0), loaded)
+    assert {g["lr"] for g in same} == {1e-4}

@@ -1,4 +1,4 @@
-"""Shard writing from each input format, the index, `shards check`, and the toy world."""
+"""Shard writing from each input format, the index and `shards check`."""
 
 import base64
 import json
@@ -9,7 +9,7 @@ import pytest
 from shards.build import ShardOptions, write_shard_sets
 from shards.cli import main as shards_main
 from shards.sources import FeatureFolderSource, read_captions, select_boxes
-from shards.toyworld import CLASSES, MAX_REGIONS, MIN_REGIONS, SETTINGS, ToyWorld, write_toyworld
+from shards.toyworld import write_toyworld
 from vilbert.data.format import ShardIndex, decode_sample, read_shard
 
 
@@ -107,42 +107,6 @@ def test_fraction_selection_is_reproducible_and_nested(tmp_path):
     assert {s.name for s in quarter} < {s.name for s in half}
     assert sum(s.samples for s in quarter) == 200 and sum(s.samples for s in half) == 400
     assert quarter != index.select_fraction(0.25, seed=4)
-
-
-def test_toy_world_is_deterministic_by_seed(tmp_path):
-    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        write_toyworld(tmp_path / name, 300, 50, seed=seed, feature_dim=32)
-    same = (tmp_path / "a/train/shard-000000.tar").read_bytes() == (tmp_path / "b/train/shard-000000.tar").read_bytes()
-    other = (tmp_path / "a/train/shard-000000.tar").read_bytes() == (tmp_path / "c/train/shard-000000.tar").read_bytes()
-    assert same and not other
-    assert (tmp_path / "a/val/shard-000000.tar").read_bytes() == (tmp_path / "b/val/shard-000000.tar").read_bytes()
-
-
-def test_toy_world_scenes_captions_and_regions():
-    world = ToyWorld(seed=0, feature_dim=64)
-    records = list(world.generate(0, 200))
-    for r in records:
-        n = len(r["boxes"])
-        assert MIN_REGIONS <= n <= MAX_REGIONS and r["features"].shape == (n, 64) and (r["features"] >= 0).all()
-        assert np.allclose(r["cls_prob"].sum(1), 1, atol=1e-5) and r["cls_prob"].shape[1] == len(CLASSES) + 1
-        names = {o["name"] for o in r["scene"]["objects"]}
-        for caption in r["captions"]:
-            assert any(name in caption for name in names), caption  # captions talk about the scene
-            assert caption.endswith(f" {r['scene']['setting']}."), caption
-        for o in r["scene"]["objects"]:
-            tight = r["boxes"][o["regions"][0]]
-            assert np.allclose(tight, np.clip(o["box"], 0, None), atol=1.0)  # the first region is the object
-    # The pretend detector names the class of a tight box most of the time, not always.
-    detector_accuracy = np.mean([r["cls_prob"][o["regions"][0]].argmax() - 1 == CLASSES.index(o["name"])
-                                 for r in records for o in r["scene"]["objects"]])
-    assert 0.8 < detector_accuracy < 1.0, detector_accuracy
-    # The setting shows in the image as a whole: the mean region feature (what the IMG token
-    # starts from) of a held-out image is nearest to the mean of its own setting's images.
-    image_means = np.stack([r["features"].astype(np.float32).mean(0) for r in records])
-    settings = np.array([SETTINGS.index(r["scene"]["setting"]) for r in records])
-    centroids = np.stack([image_means[:100][settings[:100] == k].mean(0) for k in range(len(SETTINGS))])
-    nearest = np.linalg.norm(image_means[100:, None] - centroids[None], axis=-1).argmin(1)
-    assert np.mean(nearest == settings[100:]) > 0.9
 
 
 def test_check_reports_every_kind_of_bad_sample(tmp_path, corrupt_shards):

@@ -30,6 +30,8 @@ def test_yaml_and_dotted_overrides(tmp_path):
         load_config(None, ["optim.learning_rate=1"])
     config.save(tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml") == config
+    emptied = load_config(ROOT / "configs/toy_vqa.yaml", ["model.init=", "eval.shards="])  # the README's baseline
+    assert emptied.model.init == "" and emptied.eval.shards == ""
 
 
 def test_batch_sizes_are_reconciled_with_the_world_size():
@@ -170,3 +172,22 @@ def test_deepspeed_hostfile_across_two_nodes_without_ssh(tmp_path, toy_world):
     run = client.search_runs([client.get_experiment_by_name("test").experiment_id])[0]
     assert run.data.params["world_size"] == "2" and run.data.params["launcher"] == "deepspeed"
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_pretraining_reports_the_probes_and_trains_fresh_parameters_at_fresh_lr(tmp_path, toy_world):
+    """The toy-world probes run at each evaluation, are logged and printed at the end; with no
+    BERT every parameter is fresh, so DeepSpeed steps them at optim.fresh_lr."""
+    config = train_config(tmp_path, toy_world, optim={"steps": 4, "lr": 1e-4, "fresh_lr": 3e-4, "warmup_fraction": 0},
+                          eval={"probe_images": 6, "retrieval_queries": 3, "every_steps": 2})
+    result = subprocess.run([sys.executable, "-m", "vilbert", "pretrain", "--config", str(config)], env=ENV,
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "grounding, masked colour:" in result.stdout and "zero-shot retrieval, own caption among 100" in \
+        result.stdout, result.stdout
+    metrics = read_metrics(tmp_path / "run")
+    evaluated = [m for m in metrics if "val/grounding/colour/own" in m]
+    assert [m["step"] for m in evaluated] == [2, 4]
+    for m in evaluated:
+        assert all(0 <= m[f"val/grounding/{k}/{w}"] <= 1 for k in ("colour", "object") for w in ("own", "other"))
+        assert m["val/zero_shot/chance_R@1"] == 0.01 and m["val/zero_shot/R@1"] in (0, 1 / 3, 2 / 3, 1)
+    assert metrics[0]["train/lr"] == pytest.approx(3e-4) and metrics[0]["train/fresh_lr"] == pytest.approx(3e-4)

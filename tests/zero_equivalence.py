@@ -37,7 +37,7 @@ def engine_vs_export(config):
     from vilbert.train.optim import build_optimizer
     from vilbert.train.pretraining import build_model
 
-    model = build_model(config, FEATURES, CLASSES)
+    model, _ = build_model(config, FEATURES, CLASSES)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, config.optim),
                                       config=deepspeed_config(config, dist.get_world_size()))
     checkpoint.load(engine, config.checkpoint_dir, checkpoint.resume_tag(config.checkpoint_dir, "auto"))

@@ -36,6 +36,11 @@ def _pretrain(args: argparse.Namespace) -> int:
     if "val/alignment_accuracy" in metrics:
         print(f"held-out: alignment accuracy {metrics['val/alignment_accuracy']:.3f} (chance 0.5), masked-LM "
               f"accuracy {metrics['val/mlm_accuracy']:.3f}, loss {metrics['val/loss']:.3f}")
+        from vilbert.probes import describe
+
+        probed = describe({k.removeprefix("val/"): v for k, v in metrics.items() if k.startswith("val/")})
+        if probed:
+            print(probed.replace("\n", "\n          "))
     print(f"model: {config.output_dir}/model (save_pretrained); metrics: {config.output_dir}/metrics.jsonl")
     if metrics.get("mlflow_run_id"):
         uri = config.tracking.uri or default_uri(config.output_dir)

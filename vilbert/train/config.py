@@ -40,11 +40,15 @@ class EvalConfig:
     every_steps: int = 0  # 0: only at the end
     every_epochs: float = 0.0  # instead of every_steps: in passes over the training examples
     max_batches: int = 50  # pretraining: held-out batches, drawn once (fine-tuning evaluates the whole split)
+    # Pretraining on a toy world (vilbert.probes), at every evaluation, on the first held-out images:
+    probe_images: int = 0  # the grounding probe on the objects of that many images; 0: none
+    retrieval_queries: int = 0  # zero-shot retrieval: that many images rank their caption among 100; 0: none
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
+    fresh_lr: float = 0.0  # lr of the parameters that start fresh (not from model.bert / model.init); 0: lr
     weight_decay: float = 0.01  # not on biases and LayerNorm weights
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
@@ -119,7 +123,9 @@ LIMITS = {  # dotted key -> (test, what it takes): values that would crash or ha
     "data.workers": _NON_NEGATIVE, "data.shuffle_buffer": _POSITIVE, "data.negative_buffer": _POSITIVE,
     "data.negative_probability": _UNIT, "data.max_bad_fraction": _UNIT,
     "eval.every_steps": _NON_NEGATIVE, "eval.every_epochs": _NON_NEGATIVE, "eval.max_batches": _POSITIVE,
-    "optim.lr": _POSITIVE, "optim.weight_decay": _NON_NEGATIVE, "optim.eps": _POSITIVE,
+    "eval.probe_images": _NON_NEGATIVE, "eval.retrieval_queries": _NON_NEGATIVE,
+    "optim.lr": _POSITIVE, "optim.fresh_lr": _NON_NEGATIVE, "optim.weight_decay": _NON_NEGATIVE,
+    "optim.eps": _POSITIVE,
     "optim.warmup_fraction": _UNIT, "optim.steps": _POSITIVE, "optim.epochs": _NON_NEGATIVE,
     "optim.global_batch_size": _POSITIVE, "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "each in [0, 1)"),
     "checkpoint.every_steps": _POSITIVE, "checkpoint.keep_last": _POSITIVE, "tracking.log_every": _POSITIVE,
@@ -184,7 +190,8 @@ def build_section(cls, values: dict, where: str):
 
 
 def apply_override(tree: dict, assignment: str) -> None:
-    """`optim.lr=5e-5` (values parsed as YAML: numbers, booleans, lists, null)."""
+    """`optim.lr=5e-5` (values parsed as YAML: numbers, booleans, lists, null); `key=` is the
+    empty string (`model.init=`: no pretrained model; `eval.shards=`: no evaluation)."""
     key, sep, raw = assignment.partition("=")
     if not sep or not all(key.strip().split(".")):
         raise ConfigError(f"override {assignment!r} is not key=value (e.g. optim.lr=5e-5)")
@@ -195,7 +202,7 @@ def apply_override(tree: dict, assignment: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {part} is a value, not a section")
     try:
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {assignment!r}: the value is not YAML ({str(e).splitlines()[0]})") from None
 

@@ -41,10 +41,10 @@ def make_task(config: TrainConfig, index=None):
                config.data.tokenizer)
 
 
-def load_encoder(model, directory: str | Path) -> None:
+def load_encoder(model, directory: str | Path) -> frozenset[str]:
     """The two streams and co-attention layers of a pretrained model (`save_pretrained` of
     pretraining, or `vilbert convert-official` output) into `model.vilbert`; all of them
-    must be there. Heads stay as they are."""
+    must be there. Heads stay as they are. Returns the state-dict names loaded."""
     from vilbert.convert import read_checkpoint
 
     state = read_checkpoint(directory)
@@ -57,9 +57,12 @@ def load_encoder(model, directory: str | Path) -> None:
         raise ValueError(f"{directory} does not fit the model: {len(missing)} encoder tensors missing (e.g. "
                          f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     log.info("encoder from %s: %d tensors loaded; task heads start fresh", directory, len(encoder))
+    return frozenset(f"vilbert.{k}" for k in encoder)
 
 
 def build_task_model(config: TrainConfig, task, feature_dim: int):
+    """The model to fine-tune and the state-dict names loaded into it (model.init's encoder, or
+    model.bert's text stream); the rest starts fresh."""
     from vilbert import ViLBERTConfig, ViLBERTForTasks
     from vilbert.data.tokenizer import default_vocab
 
@@ -72,15 +75,14 @@ def build_task_model(config: TrainConfig, task, feature_dim: int):
             raise ValueError(f"model.init={config.model.init} takes {vil_config.v_feature_size}-d region features, "
                              f"the task shards hold {feature_dim}-d ones")
         model = ViLBERTForTasks(vil_config)
-        load_encoder(model, config.model.init)
-        return model
+        return model, load_encoder(model, config.model.init)
     vil_config = ViLBERTConfig.from_preset(config.model.preset, **{"v_feature_size": feature_dim, **overrides})
     if not config.model.bert:
-        return ViLBERTForTasks(vil_config)
+        return ViLBERTForTasks(vil_config), frozenset()
     model, report = ViLBERTForTasks.from_bert(default_vocab() if config.model.bert == "minilm" else config.model.bert,
                                               vil_config)
     log.info("no pretraining: text stream from BERT (%d tensors), the rest fresh", len(report.loaded))
-    return model
+    return model, frozenset(report.loaded)
 
 
 def _lockstep(batches, device):
@@ -151,7 +153,8 @@ class FinetuningObjective:
         return self.config.data.workers
 
     def build_model(self):
-        return build_task_model(self.config, self.task, self.index.feature_dim)
+        model, self.loaded_parameters = build_task_model(self.config, self.task, self.index.feature_dim)
+        return model
 
     def _loader(self, data_config, train: bool, seed_offset: int = 0):
         from vilbert.data import build_loader

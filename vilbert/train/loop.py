@@ -125,7 +125,7 @@ def _train(config: TrainConfig, make_objective, resume: str, overwrite: bool) ->
     model = objective.build_model()
     check_vocabulary(config.data.tokenizer, model.config.vocab_size)
     ds_config = resolve_precision(deepspeed_config(config, env.world_size), device_type, config.bf16_fallback)
-    optimizer = build_optimizer(model, config.optim)
+    optimizer = build_optimizer(model, config.optim, objective.loaded_parameters)
     scheduler = warmup_linear_decay(optimizer, config.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, lr_scheduler=scheduler)
     if env.world_size == 1 and engine.zero_optimization_stage() == 0:
@@ -195,6 +195,7 @@ def _train(config: TrainConfig, make_objective, resume: str, overwrite: bool) ->
                 metrics = meter.read(env.world_size, _data_counts(objective.data_health))
                 grad_norm = engine.get_global_grad_norm()
                 metrics.update({"train/lr": engine.get_lr()[0], "train/samples_seen": state["samples"],
+                                "train/fresh_lr": engine.get_lr()[-1],  # parameter_groups puts the fresh last
                                 "train/grad_norm": float(grad_norm if grad_norm is not None else own_grad_norm)})
                 if ds_config.get("fp16", {}).get("enabled"):  # ZeRO and plain fp16 optimizers name it differently
                     scale = getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", None))

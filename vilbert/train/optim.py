@@ -1,5 +1,6 @@
 """AdamW with the paper's schedule: weight decay except on biases and LayerNorm weights,
-linear warmup over the first 10% of steps, then linear decay to zero."""
+linear warmup over the first 10% of steps, then linear decay to zero; optionally a higher lr
+for the parameters that start fresh than for those loaded from a checkpoint (BERT)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,28 @@ from torch import nn
 from vilbert.train.config import OptimConfig
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def parameter_groups(model: nn.Module, config: OptimConfig, loaded: frozenset[str] = frozenset()) -> list[dict]:
+    """Decay / no decay, each split into the parameters loaded from a checkpoint (state-dict
+    names in `loaded`; they train at `lr`) and the fresh ones (at `fresh_lr`, when set)."""
+    state = model.state_dict(keep_vars=True)
+    loaded_ids = {id(state[name]) for name in loaded}  # by identity: a tied weight has two names
+    fresh_lr = config.fresh_lr or config.lr
+    groups: dict[tuple[bool, bool], list] = {}
     for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        # 1-d tensors are biases and LayerNorm weights; embeddings and matrices decay.
-        (no_decay if param.ndim < 2 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if param.requires_grad:
+            # 1-d tensors are biases and LayerNorm weights; embeddings and matrices decay.
+            groups.setdefault((param.ndim >= 2, id(param) in loaded_ids), []).append(param)
+    order = sorted(groups, key=lambda key: (not key[1], not key[0]))  # loaded first: train/lr logs group 0's
+    return [{"params": groups[decay, was_loaded], "weight_decay": config.weight_decay if decay else 0.0,
+             "lr": config.lr if was_loaded else fresh_lr} for decay, was_loaded in order]
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: OptimConfig, loaded: frozenset[str] = frozenset()
+                    ) -> torch.optim.Optimizer:
     """apex FusedAdam (AdamW mode) when NVIDIA apex is built and a GPU is used, else torch's
-    fused AdamW: one pass over each tensor per step (on CPU 5x faster than its foreach path)."""
-    groups = parameter_groups(model, config.weight_decay)
+    fused AdamW: one pass over each tensor per step (on CPU 5x faster than its foreach path).
+    `loaded`: the state-dict names that came from a checkpoint (see `parameter_groups`)."""
+    groups = parameter_groups(model, config, loaded)
     if torch.cuda.is_available():
         try:
             from apex.optimizers import FusedAdam

@@ -23,6 +23,7 @@ EVAL_SEED_OFFSET = -1  # the held-out batches' stream seed, apart from every tra
 
 
 def build_model(config: TrainConfig, feature_dim: int, num_classes: int):
+    """The model to pretrain and the state-dict names loaded from `model.bert` (the rest is fresh)."""
     from vilbert import SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining
     from vilbert.data.tokenizer import default_vocab
 
@@ -33,17 +34,19 @@ def build_model(config: TrainConfig, feature_dim: int, num_classes: int):
         "v_feature_size": feature_dim, "v_target_size": num_classes, **config.model.overrides})
     model_class = SingleStreamForPretraining if config.model.single_stream else ViLBERTForPretraining
     if not config.model.bert:
-        return model_class(vil_config)
+        return model_class(vil_config), frozenset()
     bert = default_vocab() if config.model.bert == "minilm" else config.model.bert
-    model, _ = model_class.from_bert(bert, vil_config)  # logs what it loaded (rank 0)
-    return model
+    model, report = model_class.from_bert(bert, vil_config)  # logs what it loaded (rank 0)
+    return model, frozenset(report.loaded)
 
 
 class PretrainingObjective:
     name = "pretraining"
     metric_names = (*LOSSES, "alignment_accuracy")
     best_metric = None  # the newest checkpoint is the model
+    loaded_parameters: frozenset[str] = frozenset()  # state-dict names from model.bert (optim.fresh_lr: the rest)
     data_health = None  # the training stream's sample counts (vilbert.data.pipeline.DataHealth)
+    probe_samples: list[dict] = []  # held-out toy-world images for vilbert.probes (eval.probe_images)
 
     def __init__(self, config: TrainConfig, env, data_factory=None):
         from vilbert.data.pipeline import shard_index
@@ -63,7 +66,7 @@ class PretrainingObjective:
         overrides = self.config.model.overrides
         dims = (self.index.feature_dim, self.index.num_classes) if self.index else \
             (overrides["v_feature_size"], overrides["v_target_size"])
-        self.model = build_model(self.config, *dims)
+        self.model, self.loaded_parameters = build_model(self.config, *dims)
         return self.model
 
     def _loader(self, data_config, *, train: bool, seed_offset: int, rank: int, world_size: int):
@@ -85,12 +88,19 @@ class PretrainingObjective:
         """The held-out batches: the first `eval.max_batches` of one pass over the held-out
         shards, drawn once and kept (compact, on the host) so that every evaluation sees the
         same ones. Every rank draws the same batches (ZeRO-3 forwards are collective, and the
-        figures do not depend on the world size); None without held-out shards."""
-        if not self.config.eval.shards:
+        figures do not depend on the world size); None without held-out shards. The probes'
+        toy-world images are read here too, the same on every rank."""
+        from vilbert.probes import RETRIEVAL_CANDIDATES, read_scenes
+
+        ev = self.config.eval
+        if not ev.shards:
             return None
-        data = dataclasses.replace(self.config.data, shards=self.config.eval.shards, fraction=1.0)
+        if ev.probe_images or ev.retrieval_queries:
+            retrieval = max(ev.retrieval_queries, RETRIEVAL_CANDIDATES) if ev.retrieval_queries else 0
+            self.probe_samples = read_scenes(ev.shards, max(ev.probe_images, retrieval))
+        data = dataclasses.replace(self.config.data, shards=ev.shards, fraction=1.0)
         loader = self._loader(data, train=False, seed_offset=EVAL_SEED_OFFSET, rank=0, world_size=1)
-        return list(islice(loader, self.config.eval.max_batches))
+        return list(islice(loader, ev.max_batches))
 
     def step(self, engine, batch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss to minimise and the step's metrics (`metric_names`, detached)."""
@@ -122,4 +132,12 @@ class PretrainingObjective:
         metrics = {f"val/{name}": value / batches_seen for name, value in zip(LOSSES, losses)}
         metrics["val/alignment_accuracy"] = aligned / samples
         metrics["val/mlm_accuracy"] = mlm_right / max(mlm_total, 1)
+        if self.probe_samples:  # every rank runs the same forwards (ZeRO-3's are collective)
+            from vilbert.probes import probe_model
+
+            ev = self.config.eval
+            probed = probe_model(engine, self.probe_samples[:ev.probe_images], retrieval_images=ev.retrieval_queries,
+                                 retrieval_samples=self.probe_samples, tokenizer_path=self.config.data.tokenizer,
+                                 max_regions=self.index.max_regions, dtype=dtype)
+            metrics.update({f"val/{name}": value for name, value in probed.items()})
         return metrics
