@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from shards.writer import StagedDirectory, TarShard, all_or_nothing, shard_name
 from vilbert.data.format import ShardIndex, ShardInfo
@@ -116,6 +115,8 @@ class ToyWorld:
         self.background_emb = rng.normal(size=(len(SETTINGS), LATENT_DIM)).astype(np.float32)  # one per setting
         # the class the detector mistakes each class for: a permutation of the world's classes
         self.lookalike = np.argsort(rng.permutation(len(CLASSES))[:self.options.classes])
+        import torch  # here, not at the top: `python -m shards --help` reads WorldOptions without torch
+
         self.projection = torch.from_numpy(
             (rng.normal(size=(LATENT_DIM, feature_dim)) / np.sqrt(LATENT_DIM)).astype(np.float32))
 
@@ -219,6 +220,8 @@ class ToyWorld:
     def generate(self, start: int, count: int, chunk: int = 256):
         """Yield records (shard-writer input, plus `captions` and `scene`) of images
         start..start+count-1. Region features are projected a chunk at a time."""
+        import torch
+
         for begin in range(start, start + count, chunk):
             pending = []
             for index in range(begin, min(begin + chunk, start + count)):
@@ -254,6 +257,8 @@ _WORLD: ToyWorld | None = None
 def _init_worker(seed: int, feature_dim: int, world: WorldOptions, threads: int | None = None) -> None:
     global _WORLD
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
     _WORLD = ToyWorld(seed, feature_dim, world)
 
