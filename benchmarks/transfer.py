@@ -29,9 +29,10 @@ from statistics import mean, pstdev
 
 import yaml
 
+from shards.toyvqa import KINDS
+
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN, FINETUNE = "configs/toy.yaml", "configs/toy_vqa.yaml"
-KINDS = ("existence", "relation", "count", "colour", "size", "setting")
 
 
 def run(args: list[str], log: Path) -> None:

@@ -53,7 +53,7 @@ def _people(answer: str, wrong: list[str], rng: np.random.Generator) -> list[str
     return answers
 
 
-KINDS = ("existence", "relation", "count", "colour", "size", "setting")
+KINDS = ("existence", "relation", "count", "colour", "size", "setting")  # the question_type of each kind
 
 
 def questions_for(scene: dict, rng: np.random.Generator, world: WorldOptions) -> list[tuple[str, str, str, str,
