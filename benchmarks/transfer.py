@@ -36,9 +36,10 @@ PRETRAIN, FINETUNE = "configs/toy.yaml", "configs/toy_vqa.yaml"
 
 
 def run(args: list[str], log: Path) -> None:
-    """A project command; its output goes to `log`, and a failure stops the benchmark."""
+    """A project command; its output goes to `log` (appended: a resumed run keeps its first part),
+    and a failure stops the benchmark."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as out:
+    with log.open("a") as out:
         done = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     if done.returncode:
         raise SystemExit(f"failed ({done.returncode}): {' '.join(args)}\n{log.read_text()[-3000:]}")
@@ -110,20 +111,23 @@ class Benchmark:
         steps = [f"optim.steps={samples // pretrain_config()['optim']['global_batch_size']}",
                  "eval.every_steps=0"] if samples else []
         began = time.perf_counter()
-        run(["-m", "vilbert", "pretrain", "--config", PRETRAIN, "--overwrite", f"output_dir={run_dir}",
+        start = resume_or_overwrite(run_dir)
+        run(["-m", "vilbert", "pretrain", "--config", PRETRAIN, *start, f"output_dir={run_dir}",
              f"seed={seed}", f"data.seed={seed}", "tracking.experiment=toy-transfer", "eval.retrieval_queries=100",
              *steps, *self.overrides],
             run_dir.with_suffix(".log"))
         return self.record({"name": name, "seed": seed, "samples": samples or None, "model": str(run_dir / "model"),
-                            "seconds": time.perf_counter() - began, **last_metrics(run_dir)})
+                            "seconds": time.perf_counter() - began, "resumed": start != ["--overwrite"],
+                            **last_metrics(run_dir)})
 
-    def finetune(self, seed: int, start: str, init: str) -> dict:
-        name = f"vqa-{start}-s{seed}"
+    def finetune(self, seed: int, start_name: str, init: str) -> dict:
+        name = f"vqa-{start_name}-s{seed}"
         if (row := self.done(name)) is not None:
             return row
         run_dir = self.out / name
         began = time.perf_counter()
-        run(["-m", "vilbert", "finetune", "--task", "vqa", "--config", FINETUNE, "--overwrite",
+        start = resume_or_overwrite(run_dir)
+        run(["-m", "vilbert", "finetune", "--task", "vqa", "--config", FINETUNE, *start,
              f"output_dir={run_dir}", f"seed={seed}", f"data.seed={seed}", f"model.init={init}",
              "tracking.experiment=toy-transfer"], run_dir.with_suffix(".log"))
         seconds = time.perf_counter() - began
@@ -131,9 +135,17 @@ class Benchmark:
             run_dir.with_suffix(".eval.log"))
         best = last_metrics(run_dir, "best/")
         val_shards = ROOT / finetune_config()["eval"]["shards"]
-        return self.record({"name": name, "seed": seed, "start": start, "seconds": seconds,
+        return self.record({"name": name, "seed": seed, "start": start_name, "seconds": seconds,
+                            "resumed": start != ["--overwrite"],
                             "accuracy": best["best/val/accuracy"], "step": best["best/step"],
                             **per_kind(run_dir, val_shards)})
+
+
+def resume_or_overwrite(run_dir: Path) -> list[str]:
+    """A run stopped part way (a killed benchmark) continues from its checkpoint; any other
+    leftover is started again. `seconds` then counts only the resumed part."""
+    stopped = (run_dir / "checkpoints/latest").exists() and not (run_dir / "model").exists()
+    return ["--resume", "auto"] if stopped else ["--overwrite"]
 
 
 def pretrain_config() -> dict:

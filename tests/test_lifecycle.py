@@ -81,6 +81,52 @@ def test_latest_always_names_a_kept_checkpoint(tmp_path):
     assert (tmp_path / _latest(tmp_path)).is_dir()
 
 
+# --- damaged checkpoints: verified before use, the newest sound one resumed -------------------------
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _zero_fill(path):
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+def _flip_bytes(path):  # same size, 64 bytes changed: only the digest sees it
+    data = bytearray(path.read_bytes())
+    for i in range(0, min(len(data), 64)):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("harm, why", [(_truncate, "bytes, .* when written"), (_zero_fill, "SHA-256"),
+                                       (Path.unlink, "is missing"), (_flip_bytes, "SHA-256")])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_sound_one(tmp_path, harm, why):
+    config = _config(tmp_path)
+    for step in (10, 20, 30):
+        _save(config.checkpoint_dir, step, keep_last=5)
+    harm(config.checkpoint_dir / "step00000030" / "part1.pt")
+    start = run_dir.plan(config, "auto", False)
+    assert (start.tag, start.branched) == ("step00000020", True)
+    assert list(start.damaged) == ["step00000030"] and __import__("re").search(why, start.damaged["step00000030"])
+    run_dir.prepare(config, start, overwrite=False)
+    assert checkpoint.complete_tags(config.checkpoint_dir) == ["step00000010", "step00000020"]
+    assert (config.checkpoint_dir / checkpoint.DAMAGED / "step00000030" / "part0.pt").exists()  # kept for a look
+    assert _latest(config.checkpoint_dir) == "step00000020"
+    with pytest.raises(checkpoint.DamagedCheckpoint, match="step00000010 .* is damaged: part0.pt is missing"):
+        (config.checkpoint_dir / "step00000010" / "part0.pt").unlink()
+        checkpoint.resume_from(config.checkpoint_dir, "step00000010")  # named: no fallback
+
+
+def test_every_checkpoint_damaged_stops_with_a_named_error(tmp_path):
+    for step in (1, 2):
+        _save(tmp_path, step)
+        _zero_fill(tmp_path / checkpoint.tag_for(step) / "part0.pt")
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=r"every checkpoint .* \(step00000002: .*--overwrite"):
+        checkpoint.resume_from(tmp_path, "auto")
+    (tmp_path / "step00000003").mkdir()  # a marker from before digests: the state alone, taken as it is
+    (tmp_path / "step00000003" / checkpoint.MARKER).write_text('{"step": 3}')
+    assert checkpoint.resume_from(tmp_path, "auto") == checkpoint.ResumePoint("step00000003", {})
+
+
 # --- the output directory: refuse, resume, overwrite, branch ---------------------------------------
 def _config(tmp_path):
     return load_config(None, [f"output_dir={tmp_path / 'run'}"])
@@ -116,6 +162,33 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
     assert _latest(config.checkpoint_dir) == "step00000010"
     aside = list((config.checkpoint_dir / run_dir.DISCARDED).glob("*/step*"))
     assert sorted(p.name for p in aside) == ["step00000020", "step00000030"]  # kept, not deleted
+
+
+# --- one writer per output directory ----------------------------------------------------------------
+def test_a_second_start_into_a_directory_being_written_is_refused(tmp_path):
+    import socket
+    import threading
+
+    first = run_dir.lock(tmp_path, slurm_job="42")
+    with pytest.raises(run_dir.RunLocked, match=f"{tmp_path} is being written .*{socket.gethostname()} PID "
+                                                f"{os.getpid()}, SLURM job 42"):
+        run_dir.lock(tmp_path)
+    with pytest.raises(run_dir.RunLocked):  # the same job waits for its earlier self, but not for ever
+        run_dir.lock(tmp_path, slurm_job="42", wait_s=0.3)
+    threading.Timer(0.5, first.close).start()  # a requeue racing its old self: takes over once it lets go
+    run_dir.lock(tmp_path, slurm_job="42", wait_s=30).close()
+
+
+def test_a_killed_holder_never_blocks_the_next_start(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from vilbert.train import run_dir; "
+                               f"h = run_dir.lock({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)"],
+                              env=ENV, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(run_dir.RunLocked, match=f"PID {holder.pid}"):
+        run_dir.lock(tmp_path)
+    holder.kill()
+    holder.wait()
+    run_dir.lock(tmp_path).close()  # the kernel released it
 
 
 # --- the lr schedule across resumes --------------------------------------------------------------
@@ -295,3 +368,27 @@ def test_fresh_parameters_get_fresh_lr_and_loaded_ones_lr():
     assert groups[0]["lr"] == 1e-4 and groups[-1]["lr"] == 1e-3  # train/lr and train/fresh_lr read these
     same = parameter_groups(model, OptimConfig(lr=1e-4, fresh_lr=0.0), loaded)
     assert {g["lr"] for g in same} == {1e-4}
+
+
+def test_resume_survives_a_damaged_checkpoint_and_checks_the_config(tmp_path, toy_world):
+    config = train_config(tmp_path, toy_world, optim={"steps": 6}, eval={"shards": ""})
+    _pretrain(config)  # checkpoints at steps 3 and 6
+    run = tmp_path / "run"
+    _flip_bytes(run / "checkpoints/step00000006/mp_rank_00_model_states.pt")  # silently resumed before
+
+    changed = _pretrain(config, "--resume", "auto", "model.preset=small", check=False)
+    assert changed.returncode == 1 and "model.preset tiny -> small" in changed.stderr, changed.stderr[-2000:]
+    assert "num_hidden_layers" in changed.stderr and "vilbert export" in changed.stderr
+    zero = _pretrain(config, "--resume", "auto", "deepspeed=" + str(ROOT / "deepspeed_configs/zero2_fp32.json"),
+                     check=False)
+    assert zero.returncode == 1 and "zero_stage 1 -> 2" in zero.stderr and "deepspeed " in zero.stderr
+
+    longer = train_config(tmp_path, toy_world, optim={"steps": 9, "lr": 2e-3}, eval={"shards": ""})
+    resumed = _pretrain(longer, "--resume", "auto")
+    assert "checkpoint step00000006 is damaged (mp_rank_00_model_states.pt does not match its SHA-256" \
+        in resumed.stderr
+    assert "resumed from" in resumed.stderr and "step00000003 at step 3" in resumed.stderr
+    assert "resume: optim.lr 0.001 -> 0.002" in resumed.stderr and "resume: optim.steps 6 -> 9" in resumed.stderr
+    assert (run / "checkpoints/damaged/step00000006").is_dir()
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, 10))
+    assert max(m["train/loss"] for m in read_metrics(run)) < 20  # the damaged weights were never loaded

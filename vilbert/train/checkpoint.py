@@ -6,16 +6,23 @@ A save is complete only once every rank has written its shard and rank 0 has wri
 crash mid-save therefore leaves `latest` on the previous complete checkpoint, and
 `--resume auto` ignores tags without the marker. Tags are ordered by their step number
 everywhere, and `latest` always names the checkpoint just completed, which retention keeps.
+
+The marker also records the size and SHA-256 of every file of the checkpoint, so that a
+checkpoint damaged after it was written (a node dying mid-copy, a bad disk) is found before
+it is loaded: `--resume auto` then falls back to the newest sound one and `resume_from`
+names what it set aside (`damaged/`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +30,8 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-MARKER = "COMPLETE"
+MARKER = "COMPLETE"  # {"state": the training state, "files": {relative path: [size, sha256]}}
+DAMAGED = "damaged"  # where resume moves checkpoints that fail verification
 LATEST = "latest"  # the file DeepSpeed itself reads: one line, the tag
 BEST = "best.json"  # fine-tuning: {"tag", "metric", "value", "step"} of the best validated checkpoint
 MODEL_CONFIG = "model_config.json"
@@ -51,6 +59,47 @@ def complete_tags(directory: str | Path) -> list[str]:
         return []
     tags = [p.name for p in directory.iterdir() if p.name.startswith(TAG_PREFIX) and (p / MARKER).exists()]
     return sorted(tags, key=tag_step)
+
+
+class DamagedCheckpoint(OSError):
+    """A checkpoint whose files no longer match what its marker recorded."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(tag_dir: Path) -> dict[str, list]:
+    """{relative path: [size, sha256]} of every file under a checkpoint (its marker aside)."""
+    return {str(p.relative_to(tag_dir)): [p.stat().st_size, _sha256(p)]
+            for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def damage(directory: str | Path, tag: str) -> str | None:
+    """Why checkpoint `tag` cannot be trusted (its first differing file, in words), or None
+    when every file matches its marker. Markers from before digests were recorded hold the
+    state alone and are taken as they are."""
+    tag_dir = Path(directory) / tag
+    try:
+        marker = json.loads((tag_dir / MARKER).read_text())
+    except (OSError, ValueError) as e:
+        return f"its {MARKER} marker is unreadable ({e})"
+    recorded = marker.get("files") if isinstance(marker, dict) else None
+    if recorded is None:
+        return None
+    for name, (size, sha) in recorded.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when written"
+        if _sha256(path) != sha:
+            return f"{name} does not match its SHA-256 (changed after it was written)"
+    return None
 
 
 def barrier() -> None:
@@ -89,7 +138,7 @@ def save(engine, directory: str | Path, state: dict, keep_last: int, is_main: bo
     engine.save_checkpoint(str(directory), tag=tag, client_state={CLIENT_KEY: state}, save_latest=False)
     barrier()
     if is_main:
-        (directory / tag / MARKER).write_text(json.dumps(state))
+        (directory / tag / MARKER).write_text(json.dumps({"state": state, "files": file_digests(directory / tag)}))
         point_latest(directory, tag)
         best = read_best(directory)
         done = [t for t in complete_tags(directory)  # this one is the newest
@@ -100,17 +149,55 @@ def save(engine, directory: str | Path, state: dict, keep_last: int, is_main: bo
     return tag
 
 
-def resume_tag(directory: str | Path, resume: str) -> str | None:
-    """'auto': the newest complete checkpoint (None if there is none); 'none' or '': start
-    fresh; anything else: that tag, which must be complete."""
+@dataclass(frozen=True)
+class ResumePoint:
+    tag: str | None  # the checkpoint to load; None: start at step 0
+    damaged: dict[str, str]  # newer checkpoints that failed verification: tag -> why
+
+
+def resume_from(directory: str | Path, resume: str) -> ResumePoint:
+    """'auto': the newest complete checkpoint that passes verification, passing over damaged
+    ones (reported, not moved: `set_aside_damaged` does that on one rank); 'none' or '':
+    start fresh; anything else: that tag, which must be complete and sound. Raises
+    DamagedCheckpoint when every checkpoint is damaged, or the named one is."""
     if resume in ("", "none"):
-        return None
+        return ResumePoint(None, {})
     tags = complete_tags(directory)
-    if resume == "auto":
-        return tags[-1] if tags else None
-    if resume not in tags:
-        raise FileNotFoundError(f"checkpoint {resume!r} in {directory} is missing or incomplete; complete: {tags}")
-    return resume
+    if resume != "auto":
+        if resume not in tags:
+            raise FileNotFoundError(f"checkpoint {resume!r} in {directory} is missing or incomplete; complete: {tags}")
+        if why := damage(directory, resume):
+            raise DamagedCheckpoint(f"checkpoint {resume} in {directory} is damaged: {why}; resume from another "
+                                    f"(complete: {', '.join(tags)}) or --resume auto for the newest sound one")
+        return ResumePoint(resume, {})
+    damaged = {}
+    for tag in reversed(tags):
+        if why := damage(directory, tag):
+            damaged[tag] = why
+            continue
+        return ResumePoint(tag, damaged)
+    if damaged:
+        raise DamagedCheckpoint(f"every checkpoint in {directory} is damaged (" + "; ".join(
+            f"{t}: {why}" for t, why in damaged.items()) + "): start again with --overwrite")
+    return ResumePoint(None, {})
+
+
+def resume_tag(directory: str | Path, resume: str) -> str | None:
+    """The tag `resume_from` picks."""
+    return resume_from(directory, resume).tag
+
+
+def set_aside_damaged(directory: str | Path, damaged: dict[str, str]) -> None:
+    """Rank 0: move damaged checkpoints to `damaged/` (kept for a look, never loaded), one
+    line each."""
+    directory = Path(directory)
+    for tag, why in damaged.items():
+        aside = directory / DAMAGED / tag
+        if aside.exists():
+            shutil.rmtree(aside)
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(directory / tag), aside)
+        log.warning("checkpoint %s is damaged (%s): moved to %s; resuming from an earlier one", tag, why, aside)
 
 
 def load(engine, directory: str | Path, tag: str) -> dict:
@@ -155,6 +242,8 @@ def export(directory: str | Path, out_dir: str | Path, tag: str | None = None):
     tag = tag or resume_tag(directory, "auto")
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    if why := damage(directory, tag):
+        raise DamagedCheckpoint(f"checkpoint {tag} in {directory} is damaged: {why}")
     classes = {c.__name__: c for c in (ViLBERTForPretraining, SingleStreamForPretraining, ViLBERTForTasks)}
     model = classes[(directory / MODEL_CLASS).read_text().strip()](
         ViLBERTConfig.from_json_file(directory / MODEL_CONFIG))

@@ -121,3 +121,14 @@ def init_distributed() -> tuple[DistEnv, str]:
                             category=FutureWarning)
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
     return env, device_type
+
+
+def from_rank0(value):
+    """Rank 0's `value` on every rank (a decision only rank 0 can make, such as taking a lock)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -19,6 +19,7 @@ the evaluation. The loop is the same for both:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -105,26 +106,32 @@ def finetune(config: TrainConfig, resume: str = "none", overwrite: bool = False)
 
 def train(config: TrainConfig, make_objective, resume: str, overwrite: bool) -> dict[str, float]:
     with stop_request.installed():  # from the start: a signal during set-up stops before the first step
-        return _train(config, make_objective, resume, overwrite)
+        check_inputs(config)
+        env, device_type = init_distributed()
+        with run_dir.owned(config.output_dir, env.is_main, (slurm_job() or {}).get("job_id")):
+            return _train(config, make_objective(env), env, device_type, resume, overwrite)
 
 
-def _train(config: TrainConfig, make_objective, resume: str, overwrite: bool) -> dict[str, float]:
-    check_inputs(config)
-    env, device_type = init_distributed()
-    objective = make_objective(env)
-    set_intra_op_threads(objective.data_workers)
+def _train(config: TrainConfig, objective, env, device_type: str, resume: str, overwrite: bool) -> dict[str, float]:
     import deepspeed
 
+    set_intra_op_threads(objective.data_workers)
     if config.optim.epochs or config.eval.every_epochs:
         config = _with_epochs(config, objective.examples_per_epoch)
     start = run_dir.plan(config, resume, overwrite)  # every rank reads, ...
-    if env.is_main:
-        run_dir.prepare(config, start, overwrite)  # ... rank 0 writes
-    checkpoint.barrier()
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = objective.build_model()
     check_vocabulary(config.data.tokenizer, model.config.vocab_size)
     ds_config = resolve_precision(deepspeed_config(config, env.world_size), device_type, config.bf16_fallback)
+    layout = {"zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
+              "precision": str(float_dtype(ds_config)).removeprefix("torch.")}
+    changed = run_dir.resume_changes(config, type(model).__name__, model.config.to_dict(), layout) \
+        if start.tag is not None else {}
+    if env.is_main:
+        for key, change in changed.items():
+            log.info("resume: %s %s", key, change)
+        run_dir.prepare(config, start, overwrite)  # ... rank 0 writes
+    checkpoint.barrier()
     optimizer = build_optimizer(model, config.optim, objective.loaded_parameters)
     scheduler = warmup_linear_decay(optimizer, config.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, lr_scheduler=scheduler)
@@ -138,7 +145,8 @@ def _train(config: TrainConfig, make_objective, resume: str, overwrite: bool) ->
         checkpoints.mkdir(parents=True, exist_ok=True)
         config.save(Path(config.output_dir) / "config.yaml")
         config.save(checkpoints / "config.yaml")
-        model.config.to_json_file(checkpoints / checkpoint.MODEL_CONFIG)
+        model.config.to_json_file(checkpoints / checkpoint.MODEL_CONFIG, use_diff=False)
+        (checkpoints / run_dir.LAYOUT_FILE).write_text(json.dumps(layout))
         (checkpoints / checkpoint.MODEL_CLASS).write_text(type(model).__name__)
     state = {"step": 0, "samples": 0, "data_seed": config.data.seed}
     if start.tag is not None:
@@ -154,7 +162,8 @@ def _train(config: TrainConfig, make_objective, resume: str, overwrite: bool) ->
                    "parameters": sum(p.numel() for p in model.parameters())},
                   run_name=config.tracking.run_name or Path(config.output_dir).name,
                   resumed_step=state["step"] if start.resumed else None,
-                  new_run=config.tracking.new_run or start.branched, slurm_job=slurm_job())
+                  new_run=config.tracking.new_run or start.branched, slurm_job=slurm_job(),
+                  tags={f"resume.changed.{key}": change for key, change in changed.items()})
     batches = objective.train_batches(state["step"])
     held_out = objective.held_out()
 

@@ -89,9 +89,10 @@ class Tracker:
         os.replace(temporary, self.output_dir / STATE_FILE)
 
     def start(self, params: dict, run_name: str, resumed_step: int | None = None, new_run: bool = False,
-              slurm_job: dict | None = None) -> None:
+              slurm_job: dict | None = None, tags: dict[str, str] | None = None) -> None:
         """`resumed_step`: the step a resumed run continues from (None: a fresh run), whose
-        MLflow run is continued unless `new_run`. `slurm_job`: {"job_id", "nodelist", "restarts"}."""
+        MLflow run is continued unless `new_run`. `slurm_job`: {"job_id", "nodelist", "restarts"}.
+        `tags`: set on the MLflow run (a resume's config changes)."""
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -138,11 +139,11 @@ class Tracker:
                 for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
                     mlflow.log_params({k: str(v)[:6000] for k, v in items[i:i + 100]})
             starts = int(mlflow.get_run(self.run_id).data.tags.get("starts", "0")) + 1
-            tags = {"starts": starts, "resumed_from_step": resumed_step or 0}
+            run_tags = {"starts": starts, "resumed_from_step": resumed_step or 0, **(tags or {})}
             if slurm_job:
-                tags.update({"slurm.job_ids": ",".join(jobs), "slurm.nodelist": slurm_job["nodelist"],
-                             "slurm.requeues": sum(jobs.values())})
-            mlflow.set_tags(tags)
+                run_tags.update({"slurm.job_ids": ",".join(jobs), "slurm.nodelist": slurm_job["nodelist"],
+                                 "slurm.requeues": sum(jobs.values())})
+            mlflow.set_tags(run_tags)
 
         self._call("start", begin)
         if self._mlflow is not None:
