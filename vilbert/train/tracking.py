@@ -9,8 +9,11 @@ a resume cuts it back to the resumed step.
 
 The default store is an embedded SQLite file (nothing to start); MLFLOW_TRACKING_URI or
 `tracking.uri` point elsewhere. If MLflow fails (down at start, or mid-run), training goes
-on: the tracker warns once, stops calling MLflow, and every metric is still in
-`<output_dir>/metrics.jsonl`.
+on and every metric is still in `<output_dir>/metrics.jsonl`. What MLflow missed is sent
+when it is back: each commit retries the backlog (at most every RETRY_S), in step order,
+and `tracking.json` records the last step MLflow has (`mlflow_step`), so the next start of
+the same run sends the rest from metrics.jsonl. Each step reaches MLflow once; the run's
+`tracking.late_steps` tag counts the steps that arrived late.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from vilbert.train.config import TrackingConfig
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-STATE_FILE = "tracking.json"  # {"run_id", "uri", "experiment", "slurm_jobs": {job id: restarts}}
+STATE_FILE = "tracking.json"  # {"run_id", "uri", "experiment", "slurm_jobs": {job id: restarts},
+#                                "mlflow_step": the last step MLflow has, "late_steps": steps sent late}
 MLFLOW_BATCH = 1000  # metrics per log_batch call (MLflow's limit)
+RETRY_S = 60.0  # while MLflow is down, how often a commit tries again (each try can wait for its timeout)
 
 
 def default_uri(output_dir: str | Path) -> str:
@@ -69,23 +74,36 @@ class Tracker:
         self.uri = config.uri or default_uri(output_dir)
         self._mlflow = None
         self._jsonl = None
-        self._pending: list[tuple[int, int, dict[str, float]]] = []  # (step, time in ms, metrics) not yet in MLflow
+        self._pending: list[tuple[int, int, dict[str, float]]] = []  # (step, time in ms, metrics) not yet committed
+        self._backlog: list[tuple[int, int, dict[str, float]]] = []  # committed, not yet in MLflow (it was down)
+        self._begin = None  # starts (or continues) the MLflow run; kept to retry while MLflow is down
+        self._state: dict = {}
+        self._down_since: float | None = None
+        self._last_try = 0.0
+        self._late: set[int] = set()  # steps of the backlog that MLflow should have had already
         self.run_id = ""
 
-    def _call(self, what: str, fn, *args, **kwargs):
-        if self._mlflow is None:
-            return None
+    def _call(self, what: str, fn, *args, **kwargs) -> bool:
+        """Call MLflow; False if it failed (warned once per outage: training never stops for it)."""
         try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # a tracking failure must never stop training
-            log.warning("MLflow %s failed (%s: %s); training goes on, metrics still go to %s", what,
-                        type(e).__name__, e, self.output_dir / METRICS_FILE)
-            self._mlflow = None
-            return None
+            fn(*args, **kwargs)
+        except Exception as e:
+            if self._down_since is None:
+                log.warning("MLflow %s failed (%s: %s); training goes on, metrics go to %s and are sent to MLflow "
+                            "when it is back", what, type(e).__name__, str(e).splitlines()[0] if str(e) else "",
+                            self.output_dir / METRICS_FILE)
+                self._down_since = time.monotonic()
+            self._last_try = time.monotonic()
+            return False
+        if self._down_since is not None:
+            log.info("MLflow is back after %.0f s", time.monotonic() - self._down_since)
+            self._down_since = None
+        return True
 
-    def _write_state(self, state: dict) -> None:
+    def _write_state(self, **changes) -> None:
+        self._state.update(changes)
         temporary = self.output_dir / f".{STATE_FILE}.tmp"
-        temporary.write_text(json.dumps(state, indent=1))
+        temporary.write_text(json.dumps(self._state, indent=1))
         os.replace(temporary, self.output_dir / STATE_FILE)
 
     def start(self, params: dict, run_name: str, resumed_step: int | None = None, new_run: bool = False,
@@ -116,24 +134,38 @@ class Tracker:
         jobs = dict(state.get("slurm_jobs", {}))
         if slurm_job:
             jobs[slurm_job["job_id"]] = slurm_job["restarts"]
+        self._state = {"run_id": state.get("run_id", ""), "uri": self.uri, "experiment": self.config.experiment,
+                       "slurm_jobs": jobs, "mlflow_step": state.get("mlflow_step", 0),
+                       "late_steps": state.get("late_steps", 0)}
+        if state.get("run_id") and resumed_step:  # what MLflow missed of the steps this start keeps
+            missed = [(m["step"], int(time.time() * 1000), {k: v for k, v in m.items() if k != "step"})
+                      for m in read_metrics(self.output_dir) if self._state["mlflow_step"] < m["step"] <= resumed_step]
+            self._backlog, self._late = missed, {step for step, _, _ in missed}
+            if missed:
+                log.info("MLflow missed steps %d-%d of this run: sending them from %s", missed[0][0], missed[-1][0],
+                         METRICS_FILE)
 
         def begin():
+            if mlflow.active_run() is not None:  # an earlier try got that far
+                mlflow.end_run()
             mlflow.set_tracking_uri(self.uri)
             if mlflow.get_experiment_by_name(self.config.experiment) is None and self.uri.startswith("sqlite:"):
                 artifacts = Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts"
                 mlflow.create_experiment(self.config.experiment, artifact_location=artifacts.resolve().as_uri())
             mlflow.set_experiment(self.config.experiment)
             run = None
-            if state.get("run_id"):
+            if self._state["run_id"]:
                 try:
-                    run = mlflow.start_run(run_id=state["run_id"], log_system_metrics=self.config.system_metrics)
+                    run = mlflow.start_run(run_id=self._state["run_id"], log_system_metrics=self.config.system_metrics)
                 except Exception as e:  # deleted in the meantime, or another store
-                    log.warning("cannot continue MLflow run %s (%s); starting a new one", state["run_id"], e)
+                    if "RESOURCE_DOES_NOT_EXIST" not in str(e) and "not found" not in str(e).lower():
+                        raise  # the server, not the run: try again later
+                    log.warning("cannot continue MLflow run %s (%s); starting a new one", self._state["run_id"], e)
+                    self._backlog = []  # the new run starts at this step
             continued = run is not None
             run = run or mlflow.start_run(run_name=run_name, log_system_metrics=self.config.system_metrics)
             self.run_id = run.info.run_id
-            self._write_state({"run_id": self.run_id, "uri": self.uri, "experiment": self.config.experiment,
-                               "slurm_jobs": jobs})
+            self._write_state(run_id=self.run_id)
             if not continued:
                 items = list(params.items())
                 for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
@@ -144,10 +176,12 @@ class Tracker:
                 run_tags.update({"slurm.job_ids": ",".join(jobs), "slurm.nodelist": slurm_job["nodelist"],
                                  "slurm.requeues": sum(jobs.values())})
             mlflow.set_tags(run_tags)
+            self._begin = None
 
-        self._call("start", begin)
-        if self._mlflow is not None:
+        self._begin = begin
+        if self._call("start", begin):
             log.info("MLflow run %s in %s, experiment %r", self.run_id, self.uri, self.config.experiment)
+            self._send()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Now to metrics.jsonl; to MLflow at the next `commit`."""
@@ -159,19 +193,45 @@ class Tracker:
 
     def commit(self) -> None:
         """Send the metrics logged so far to MLflow: a checkpoint now covers their steps."""
-        pending, self._pending = self._pending, []
-        if not self.enabled or self._mlflow is None or not pending:
+        if not self.enabled or self._mlflow is None:
+            self._pending = []
             return
+        self._backlog += self._pending
+        self._pending = []
+        if self._down_since is not None and time.monotonic() - self._last_try < RETRY_S:
+            return
+        if self._begin is not None and not self._call("start", self._begin):
+            self._late.update(step for step, _, _ in self._backlog)
+            return
+        self._send()
+
+    def _send(self) -> None:
+        """The backlog to MLflow in step order, whole steps per call; `mlflow_step` follows."""
         from mlflow.entities import Metric
 
-        entries = [Metric(key, float(value), at, step) for step, at, metrics in pending
-                   for key, value in metrics.items()]
-        client = self._mlflow.MlflowClient(self.uri)
-        for i in range(0, len(entries), MLFLOW_BATCH):
-            self._call("log_batch", client.log_batch, self.run_id, metrics=entries[i:i + MLFLOW_BATCH])
+        while self._backlog:
+            count, size = 0, 0
+            for _, _, metrics in self._backlog:  # whole steps, at most MLFLOW_BATCH metrics (one step may exceed it)
+                if count and size + len(metrics) > MLFLOW_BATCH:
+                    break
+                count, size = count + 1, size + len(metrics)
+            chunk = self._backlog[:count]
+            entries = [Metric(key, float(value), at, step) for step, at, metrics in chunk
+                       for key, value in metrics.items()]
+            if not self._call("log_batch", self._mlflow.MlflowClient(self.uri).log_batch, self.run_id,
+                              metrics=entries):
+                self._late.update(step for step, _, _ in self._backlog)
+                return
+            del self._backlog[:count]
+            steps = {step for step, _, _ in chunk}
+            self._write_state(mlflow_step=max(steps), late_steps=self._state["late_steps"] + len(steps & self._late))
+        if self._late:
+            self._late = set()
+            self._call("set_tag", self._mlflow.MlflowClient(self.uri).set_tag, self.run_id, "tracking.late_steps",
+                       str(self._state["late_steps"]))
 
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if not self.enabled:
+        if not self.enabled or self._mlflow is None or self._begin is not None:
             return
         path = Path(path)
         if path.is_dir():
@@ -186,7 +246,13 @@ class Tracker:
             log.info("steps %d-%d are in %s only: no checkpoint covers them, so a resume redoes them",
                      self._pending[0][0], self._pending[-1][0], self.output_dir / METRICS_FILE)
             self._pending = []
-        self._call("end_run", lambda: self._mlflow.end_run(status=status))
+        if self._backlog:
+            self._send()
+        if self._backlog:
+            log.warning("MLflow is still down: steps %d-%d are in %s only; the next start of this run (--resume "
+                        "auto) sends them", self._backlog[0][0], self._backlog[-1][0], self.output_dir / METRICS_FILE)
+        if self._mlflow is not None and self._begin is None:
+            self._call("end_run", self._mlflow.end_run, status=status)
         if self._jsonl is not None:
             self._jsonl.close()
 
