@@ -29,6 +29,8 @@ def check_shards(spec: str) -> tuple[int, list[Problem]]:
         urls, index = resolve_shards(spec)
     except (OSError, ValueError) as e:
         return 0, [Problem(spec, "-", f"cannot read the shard set: {e}")]
+    if not urls:
+        return 0, [Problem(spec, "-", "the shard set holds no shards (training refuses it)")]
     feature_dim, num_classes = (index.feature_dim, index.num_classes) if index else (None, None)
     expected = {s.name: s.samples for s in index.shards} if index else {}
     good, problems = 0, []

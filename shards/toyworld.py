@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.writer import StagedDirectory, TarShard, all_or_nothing, shard_name
+from shards.writer import TarShard, all_or_nothing, shard_name
 from vilbert.data.format import ShardIndex, ShardInfo
+from vilbert.staging import StagedDirectory
 
 CLASSES = ["dog", "cat", "horse", "cow", "sheep", "bird", "car", "bus", "truck", "bicycle", "boat", "train",
            "chair", "table", "bed", "lamp", "cup", "bottle", "bowl", "ball", "kite", "umbrella", "bag", "book",

@@ -5,12 +5,11 @@ only when it is complete, so a failed or interrupted write leaves no set that lo
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import tarfile
 from pathlib import Path
 
 from vilbert.data.format import SAMPLE_SUFFIX, ShardIndex, ShardInfo
+from vilbert.staging import StagedDirectory
 
 
 def shard_name(prefix: str, number: int) -> str:
@@ -30,36 +29,6 @@ def all_or_nothing():
         for part in staged:
             part.abort()
         raise
-
-
-class StagedDirectory:
-    """`path`: where to write (`.<name>.partial-<pid>` beside `final`); `commit()` replaces
-    `final` with it, `abort()` deletes it. As a context manager: commit on success, abort
-    on an exception."""
-
-    def __init__(self, final: str | Path):
-        self.final = Path(final)
-        self.path = self.final.parent / f".{self.final.name}.partial-{os.getpid()}"
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True)
-
-    def commit(self) -> None:
-        if self.final.exists():
-            old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
-            self.final.rename(old)
-            self.path.rename(self.final)
-            shutil.rmtree(old)
-        else:
-            self.path.rename(self.final)
-
-    def abort(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.abort() if exc[0] is not None else self.commit()
 
 
 class TarShard:

@@ -2,6 +2,7 @@
 configs give a named error or a counted skip, never a hang or a crash far from the cause."""
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -192,6 +193,27 @@ def test_a_failed_write_leaves_nothing_that_looks_complete(tmp_path):
     assert ShardIndex.read(tmp_path / "out" / "train").num_samples == 3
 
 
+def test_a_killed_writers_partial_set_is_removed_by_the_next_write(tmp_path, caplog):
+    from vilbert.staging import StagedDirectory
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".train.partial-{dead.stdout.strip()}"  # what SIGKILL mid-write leaves behind
+    (stale / "x").mkdir(parents=True)
+    live = tmp_path / f".train.partial-{os.getppid()}"  # a writer still at work: named, left alone
+    live.mkdir()
+    with StagedDirectory(tmp_path / "train") as staged:
+        (staged.path / "shard.tar").write_text("x")
+    assert not stale.exists() and live.exists() and (tmp_path / "train/shard.tar").exists()
+    assert f"removing {stale}" in caplog.text and f"process {os.getppid()}" in caplog.text
+
+
+def test_check_of_a_set_without_shards_fails(tmp_path):
+    ShardIndex(shards=[], feature_dim=8, num_classes=5, class_topk=3, max_regions=6, source="test").write(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "shards", "check", str(tmp_path)], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT)
+    assert done.returncode == 1 and "holds no shards" in done.stdout, done.stdout + done.stderr
+
+
 def test_wrong_but_parsing_inputs_are_errors_and_writing_nothing_fails(tmp_path):
     _features(tmp_path / "features")
     (tmp_path / "captions.json").write_text(json.dumps({"img0": "a", "img1": "b", "img2": "c", "img3": "d",
@@ -233,6 +255,8 @@ def test_a_tsv_line_that_disagrees_with_num_boxes_is_named(tmp_path):
     ("deepspeed=nowhere.json", "deepspeed=nowhere.json: no such file"),
     ("data.tokenizer=/no/vocab.txt", "data.tokenizer=/no/vocab.txt: no such file"),
     ("data=5", "data must be a mapping"),
+    ("model.overrides.num_hiden_layers=2", "model.overrides.num_hiden_layers is not a ViLBERTConfig field; did you "
+                                           "mean num_hidden_layers"),
 ])
 def test_config_errors_are_one_line_naming_the_key(tmp_path, capsys, override, message):
     from vilbert import cli
@@ -241,6 +265,15 @@ def test_config_errors_are_one_line_naming_the_key(tmp_path, capsys, override, m
                      override]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("vilbert pretrain: error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_overrides_are_taken_in_any_position():
+    from vilbert.cli import build_parser, parse_args
+
+    args = parse_args(build_parser(), ["pretrain", "a.b=1", "--resume", "auto", "c=2", "--debug", "d="])
+    assert (args.overrides, args.resume, args.debug) == (["a.b=1", "c=2", "d="], "auto", True)
+    with pytest.raises(SystemExit):
+        parse_args(build_parser(), ["pretrain", "--resume", "auto", "--no-such-flag"])
 
 
 def test_debug_shows_the_traceback_and_a_missing_config_is_named(tmp_path, capsys):
@@ -269,12 +302,22 @@ def test_convert_official_refuses_what_is_not_an_official_checkpoint(tmp_path, c
     (tmp_path / "text.bin").write_text("not a checkpoint")
     torch.save({"some.other.weight": torch.zeros(3)}, tmp_path / "other.bin")
     torch.save({"epoch": 3}, tmp_path / "notensors.bin")
+    torch.save({"weight": _CallsCode()}, tmp_path / "code.bin")
     for name, message in (("text.bin", "is not a PyTorch or safetensors checkpoint"),
-                          ("other.bin", "gave 0 of the"), ("notensors.bin", "holds no tensors")):
+                          ("other.bin", "gave 0 of the"), ("notensors.bin", "holds no tensors"),
+                          ("code.bin", "was refused: loading it would call code, not just read tensors (Trying to "
+                                       "load unsupported GLOBAL posix.system")):
         assert cli.main(["convert-official", "--config", str(config), "--checkpoint", str(tmp_path / name),
                          "--out", str(tmp_path / "out")]) == 1
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and "weights_only" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+class _CallsCode:
+    def __reduce__(self):  # unpickling would run os.system
+        import os
+        return os.system, ("true",)
 
 
 # --- output a person can read -------------------------------------------------------------------

@@ -392,3 +392,27 @@ def test_resume_survives_a_damaged_checkpoint_and_checks_the_config(tmp_path, to
     assert (run / "checkpoints/damaged/step00000006").is_dir()
     assert [m["step"] for m in read_metrics(run)] == list(range(1, 10))
     assert max(m["train/loss"] for m in read_metrics(run)) < 20  # the damaged weights were never loaded
+
+
+def test_an_export_that_fails_midway_leaves_the_previous_model(tmp_path, monkeypatch):
+    from vilbert import ViLBERTConfig, ViLBERTForPretraining
+
+    model = ViLBERTForPretraining(ViLBERTConfig.from_preset("tiny"))
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step00000001").mkdir(parents=True)
+    torch.save({"module": model.state_dict()}, checkpoints / "step00000001/mp_rank_00_model_states.pt")
+    (checkpoints / "step00000001" / checkpoint.MARKER).write_text(json.dumps(
+        {"state": {"step": 1}, "files": checkpoint.file_digests(checkpoints / "step00000001")}))
+    model.config.to_json_file(checkpoints / checkpoint.MODEL_CONFIG)
+    (checkpoints / checkpoint.MODEL_CLASS).write_text("ViLBERTForPretraining")
+    checkpoint.export(checkpoints, tmp_path / "model")
+    before = sorted(p.name for p in (tmp_path / "model").iterdir())
+
+    def disk_full(self, out, **kwargs):
+        (Path(out) / "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ViLBERTForPretraining, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.export(checkpoints, tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == before == ["config.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial copy left

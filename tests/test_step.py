@@ -89,6 +89,9 @@ def test_threads_follow_the_usable_cores_minus_the_data_workers(monkeypatch, cap
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     assert usable_cores({}) == (16, "affinity 16")
     assert usable_cores({"LOCAL_WORLD_SIZE": "4"})[0] == 4
+    assert usable_cores({"LOCAL_SIZE": "2", "CROSS_RANK": "0"})[0] == 8  # the deepspeed launcher's name for it
+    assert usable_cores({"SLURM_PROCID": "1", "SLURM_TASKS_PER_NODE": "4(x2)"})[0] == 4  # srun
+    assert usable_cores({"SLURM_TASKS_PER_NODE": "4(x2)"})[0] == 16  # the batch shell: not a rank
     assert usable_cores({"OMP_NUM_THREADS": "6", "SLURM_CPUS_PER_TASK": "8"}) == \
         (6, "affinity 16, OMP_NUM_THREADS=6, SLURM_CPUS_PER_TASK=8")
     before = torch.get_num_threads()

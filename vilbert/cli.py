@@ -226,11 +226,23 @@ def launchable_commands() -> dict[str, LaunchableCommand]:
             for name, sub in subcommands.items() if sub.get_default("launchable")}
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but key=value overrides may come anywhere (argparse takes positionals
+    only before or after the options: `--resume auto optim.lr=1e-4 --debug` would stop it)."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 error (one line: a bad config value, a missing file, data that
     cannot feed the run; with --debug the traceback), 2 bad arguments or a run already in the
     output directory, 128 + N stopped by signal N after writing a checkpoint (143: SIGTERM)."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     from vilbert.train.interrupt import TrainingInterrupted

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +189,14 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as e:  # pickle, zip and safetensors errors: a file that is not a checkpoint
+    except pickle.UnpicklingError as e:
+        # weights_only refused a global (torch's message goes on to advise running the file's code), or the
+        # bytes are no pickle at all
+        found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        if found is None:
+            raise ValueError(f"{path} is not a PyTorch or safetensors checkpoint (not a readable pickle)") from None
+        raise ValueError(f"{path} was refused: loading it would call code, not just read tensors ({found})") from None
+    except Exception as e:  # zip and safetensors errors: a file that is not a checkpoint
         raise ValueError(f"{path} is not a PyTorch or safetensors checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

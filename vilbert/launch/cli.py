@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(own)
 
-    from vilbert.cli import launchable_commands
+    from vilbert.cli import launchable_commands, parse_args
     from vilbert.launch.submit import ClusterOptions, sbatch_script, submit
 
     commands = launchable_commands()
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"or one of {', '.join(MANAGE)}")
     command_argv = [args.command, *rest, *passthrough]
     command = commands[args.command]
-    checked = command.parser.parse_args(command_argv[1:])  # exits with the command's usage on a bad argument
+    checked = parse_args(command.parser, command_argv[1:])  # exits with the command's usage on a bad argument
     if command.check is not None:
         try:
             command.check(checked)

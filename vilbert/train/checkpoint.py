@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from vilbert.staging import StagedDirectory
+
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"  # {"state": the training state, "files": {relative path: [size, sha256]}}
@@ -252,7 +254,7 @@ def export(directory: str | Path, out_dir: str | Path, tag: str | None = None):
     tied = {"heads.mlm.decoder.weight"}  # stored once, under the word embeddings
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"checkpoint {tag} does not match the model: missing {missing}, unexpected {unexpected}")
-    with _quietly("save_pretrained"):
-        model.save_pretrained(out_dir)
+    with _quietly("save_pretrained"), StagedDirectory(out_dir) as staged:  # a full disk leaves no half model
+        model.save_pretrained(staged.path)
     log.info("exported %s/%s to %s", directory, tag, out_dir)
     return model

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -221,10 +222,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     for assignment in overrides:
         apply_override(tree, assignment)
     config = build_section(TrainConfig, tree, "")
-    from vilbert.config import PRESETS
+    from vilbert.config import PRESETS, ViLBERTConfig
 
     if config.model.preset not in PRESETS:
         raise ConfigError(f"model.preset={config.model.preset!r} is not a preset; choose from {sorted(PRESETS)}")
+    fields = list(ViLBERTConfig.__annotations__)  # its own fields, not PretrainedConfig's
+    for name in config.model.overrides:
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=3)
+            raise ConfigError(f"model.overrides.{name} is not a ViLBERTConfig field" +
+                              (f"; did you mean {', '.join(close)}?" if close else " (see vilbert/config.py)"))
     return config
 
 

@@ -16,12 +16,27 @@ import torch
 
 log = logging.getLogger(__name__)
 LIMITS = ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK")  # environment variables that cap the cores
+# How each launcher says how many ranks share this node: torchrun and submitit, the deepspeed
+# launcher, srun (SLURM_TASKS_PER_NODE reads like "4(x2),3": this node's count comes first
+# only on the first node, so SLURM_NTASKS_PER_NODE is preferred where the job set it).
+LOCAL_RANKS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+
+
+def local_ranks(env=os.environ) -> int:
+    """The ranks on this node, under any launcher (1 when none says)."""
+    for name in LOCAL_RANKS:
+        if name.startswith("SLURM") and "SLURM_PROCID" not in env:  # an sbatch shell, not a task
+            continue
+        value = env.get(name, "").split("(")[0].split(",")[0]
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
 
 
 def usable_cores(env=os.environ) -> tuple[int, str]:
     """The cores this process may use, and how that was decided (for the log)."""
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    ranks = max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1))
+    ranks = local_ranks(env)
     cores, reasons = max(1, affinity // ranks), [f"affinity {affinity}" + (f" / {ranks} local ranks" if ranks > 1
                                                                           else "")]
     for name in LIMITS:
