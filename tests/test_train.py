@@ -1,9 +1,11 @@
 """The training engine: config, DeepSpeed ZeRO equivalence, checkpoints and resume, export,
 MLflow. The DeepSpeed runs happen in subprocesses (each its own process group)."""
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -191,3 +193,37 @@ def test_pretraining_reports_the_probes_and_trains_fresh_parameters_at_fresh_lr(
         assert all(0 <= m[f"val/grounding/{k}/{w}"] <= 1 for k in ("colour", "object") for w in ("own", "other"))
         assert m["val/zero_shot/chance_R@1"] == 0.01 and m["val/zero_shot/R@1"] in (0, 1 / 3, 2 / 3, 1)
     assert metrics[0]["train/lr"] == pytest.approx(3e-4) and metrics[0]["train/fresh_lr"] == pytest.approx(3e-4)
+
+
+def _two_ranks_until_step(tmp_path, toy_world, step):
+    """A long two-rank torchrun pretraining, once it is past `step`; returns (process, rank 1's PID)."""
+    config = train_config(tmp_path, toy_world, optim={"steps": 5000, "global_batch_size": 16}, eval={"shards": ""},
+                          checkpoint={"every_steps": 5}, distributed={"heartbeat_s": 6})
+    process = subprocess.Popen(["torchrun", "--nproc_per_node", "2", "-m", "vilbert", "pretrain", "--config",
+                                str(config)], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not any(m["step"] >= step for m in read_metrics(tmp_path / "run")):
+        assert process.poll() is None and time.time() < deadline, process.stderr.read()[-3000:]
+        time.sleep(0.1)
+    beat = json.loads((tmp_path / "run/.ranks/rank-00001.json").read_text())
+    return process, beat["pid"]
+
+
+@pytest.mark.parametrize("fault", ["hung", "killed"])
+def test_a_hung_or_killed_rank_ends_the_job_with_a_line_naming_it(tmp_path, toy_world, fault):
+    process, pid = _two_ranks_until_step(tmp_path, toy_world, 6)
+    os.kill(pid, signal.SIGSTOP if fault == "hung" else signal.SIGKILL)
+    began = time.time()
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        for kill in (lambda: os.killpg(process.pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+            with contextlib.suppress(ProcessLookupError):  # already gone
+                kill()
+    assert process.returncode != 0 and time.time() - began < 60
+    named = f"rank 1 on {socket.gethostname()} (PID {pid}, last at step "
+    assert named in stderr, stderr[-3000:]
+    assert ("not heard from for" if fault == "hung" else "has exited") in stderr
+    assert "Traceback" not in stderr.split(named)[0].splitlines()[-1]  # the line itself is not a traceback
+    assert checkpoint.complete_tags(tmp_path / "run/checkpoints")  # the last checkpoint stands: resume from it

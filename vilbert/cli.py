@@ -241,10 +241,12 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 error (one line: a bad config value, a missing file, data that
     cannot feed the run; with --debug the traceback), 2 bad arguments or a run already in the
-    output directory, 128 + N stopped by signal N after writing a checkpoint (143: SIGTERM)."""
+    output directory, 3 a rank was lost (hung or dead: resume from the last checkpoint), 128 + N
+    stopped by signal N after writing a checkpoint (143: SIGTERM)."""
     args = parse_args(build_parser(), argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    from vilbert.train.heartbeat import RANK_LOST_EXIT, RankLost
     from vilbert.train.interrupt import TrainingInterrupted
     from vilbert.train.run_dir import RunExists
 
@@ -256,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"vilbert {args.command}: {e}", file=sys.stderr)
         return e.exit_status
+    except RankLost as e:
+        if args.debug:
+            raise
+        print(f"vilbert {args.command}: error: {e}", file=sys.stderr)
+        return RANK_LOST_EXIT
     except (ValueError, OSError, DataError) as e:  # the user's to fix: say what, not where in our code
         if args.debug:
             raise

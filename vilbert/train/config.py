@@ -78,6 +78,12 @@ class TrackingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    timeout_s: float = 1800.0  # a collective waiting longer fails (gloo and NCCL); it may rightly wait for a big save
+    heartbeat_s: float = 120.0  # a rank not heard from for this long (hung or dead) ends the job (train/heartbeat.py)
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/pretrain"
     seed: int = 0
@@ -90,6 +96,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -130,6 +137,7 @@ LIMITS = {  # dotted key -> (test, what it takes): values that would crash or ha
     "optim.warmup_fraction": _UNIT, "optim.steps": _POSITIVE, "optim.epochs": _NON_NEGATIVE,
     "optim.global_batch_size": _POSITIVE, "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "each in [0, 1)"),
     "checkpoint.every_steps": _POSITIVE, "checkpoint.keep_last": _POSITIVE, "tracking.log_every": _POSITIVE,
+    "distributed.timeout_s": _POSITIVE, "distributed.heartbeat_s": _POSITIVE,
 }
 
 

@@ -107,7 +107,11 @@ def select_accelerator() -> str:
     return "cpu"
 
 
-def init_distributed() -> tuple[DistEnv, str]:
+def init_distributed(timeout_s: float = 1800.0) -> tuple[DistEnv, str]:
+    """The process group, whose collectives fail after `timeout_s` instead of waiting for ever."""
+    from datetime import timedelta
+
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a failed NCCL collective raises, not hangs
     device_type = select_accelerator()
     env = discover()
     import deepspeed
@@ -119,7 +123,8 @@ def init_distributed() -> tuple[DistEnv, str]:
     # step, and nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
-    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
+                               timeout=timedelta(seconds=timeout_s))
     return env, device_type
 
 
@@ -132,3 +137,12 @@ def from_rank0(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed (a peer gone, a timeout), not a bug of ours."""
+    import torch.distributed as dist
+
+    text = str(error).lower()
+    return isinstance(error, dist.DistError) or any(word in text for word in (
+        "gloo", "nccl", "connection reset", "connection closed", "timed out", "broken pipe"))

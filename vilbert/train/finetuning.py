@@ -205,7 +205,7 @@ def evaluate_run(run_dir: str | Path, split: str, out: str | Path | None = None,
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a fine-tuning output directory (no config.yaml)")
     config = load_config(run_dir / "config.yaml", overrides)
-    env, device_type = init_distributed()
+    env, device_type = init_distributed(config.distributed.timeout_s)
     device = torch.device("cuda", env.local_rank) if device_type == "cuda" else torch.device("cpu")
     shards = {"val": config.eval.shards, "train": config.data.shards}.get(split, split)
     split_name = split if split in ("val", "train") else Path(split.rstrip("/")).name

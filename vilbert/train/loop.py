@@ -32,7 +32,8 @@ from tqdm import tqdm
 from vilbert.data.tokenizer import check_vocabulary
 from vilbert.train import checkpoint, run_dir
 from vilbert.train.config import TrainConfig, check_inputs, deepspeed_config
-from vilbert.train.distributed import init_distributed, slurm_job
+from vilbert.train.distributed import init_distributed, is_collective_failure, slurm_job
+from vilbert.train.heartbeat import Heartbeat
 from vilbert.train.interrupt import TrainingInterrupted, stop_request
 from vilbert.train.optim import build_optimizer, retarget_schedule, warmup_linear_decay
 from vilbert.train.precision import float_dtype, resolve_precision
@@ -107,7 +108,7 @@ def finetune(config: TrainConfig, resume: str = "none", overwrite: bool = False)
 def train(config: TrainConfig, make_objective, resume: str, overwrite: bool) -> dict[str, float]:
     with stop_request.installed():  # from the start: a signal during set-up stops before the first step
         check_inputs(config)
-        env, device_type = init_distributed()
+        env, device_type = init_distributed(config.distributed.timeout_s)
         with run_dir.owned(config.output_dir, env.is_main, (slurm_job() or {}).get("job_id")):
             return _train(config, make_objective(env), env, device_type, resume, overwrite)
 
@@ -137,6 +138,8 @@ def _train(config: TrainConfig, objective, env, device_type: str, resume: str, o
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, lr_scheduler=scheduler)
     if env.world_size == 1 and engine.zero_optimization_stage() == 0:
         engine.enable_backward_allreduce = False  # else it flattens, "all-reduces" and copies back every gradient
+    # Every rank is here (initialize is collective): from now on a lost rank ends the job.
+    heartbeat = Heartbeat(config.output_dir, env.rank, env.world_size, config.distributed.heartbeat_s).start()
     dtype, accumulation = float_dtype(ds_config), engine.gradient_accumulation_steps()
     control = _control_group(device_type)
 
@@ -179,6 +182,7 @@ def _train(config: TrainConfig, objective, env, device_type: str, resume: str, o
     status = "FAILED"
     try:
         while state["step"] < config.optim.steps:
+            heartbeat.step = state["step"]
             if stop_request.agreed(control):
                 if state["step"] > saved_step:
                     save()
@@ -225,6 +229,7 @@ def _train(config: TrainConfig, objective, env, device_type: str, resume: str, o
                     checkpoint.mark_best(checkpoints, **best)
                 save()
                 saved_step = step
+        heartbeat.stop()  # from here rank 0 works alone (the export) while the others end
         if env.is_main:
             model_dir = Path(config.output_dir) / "model"
             checkpoint.export(checkpoints, model_dir, best["tag"] if best else None)
@@ -247,7 +252,12 @@ def _train(config: TrainConfig, objective, env, device_type: str, resume: str, o
     except TrainingInterrupted:
         status = "KILLED"
         raise
+    except RuntimeError as e:  # torch.distributed's errors (DistError) are RuntimeErrors too
+        if env.world_size > 1 and is_collective_failure(e):
+            raise heartbeat.explain(e) from e
+        raise
     finally:
+        heartbeat.stop()
         progress.close()
         tracker.finish(status)
     metrics["mlflow_run_id"] = tracker.run_id
