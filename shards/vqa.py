@@ -39,8 +39,15 @@ def image_key(image_id) -> str:
     return str(int(match.group(1)))
 
 
+FIELD_TYPES = {  # what each field of the official files must be: (types, in words)
+    "question_id": ((int,), "an integer"), "image_id": ((int, str), "an integer or a string"),
+    "question": ((str,), "a string"), "answers": ((list,), "a list"), "answer_type": ((str,), "a string"),
+    "question_type": ((str,), "a string"), "multiple_choice_answer": ((str,), "a string"),
+}
+
+
 def _records(path: str | Path, key: str, fields: tuple[str, ...]) -> list[dict]:
-    """The `key` list of an official JSON file, each record checked for `fields`."""
+    """The `key` list of an official JSON file, each record checked for `fields` and their types."""
     try:
         records = json.loads(Path(path).read_text())[key]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
@@ -48,8 +55,10 @@ def _records(path: str | Path, key: str, fields: tuple[str, ...]) -> list[dict]:
     for number, record in enumerate(records if isinstance(records, list) else [None]):
         if not isinstance(record, dict) or not all(f in record for f in fields):
             raise InputError(f"{path}: {key}[{number}] ({str(record)[:80]}) lacks one of {', '.join(fields)}")
-        if "question" in fields and not isinstance(record["question"], str):
-            raise InputError(f"{path}: question_id {record['question_id']}: the question is not a string")
+        for field in fields:
+            types, words = FIELD_TYPES[field]
+            if not isinstance(record[field], types) or isinstance(record[field], bool):
+                raise InputError(f"{path}: {key}[{number}]: {field} is {str(record[field])[:40]!r}, not {words}")
     return records
 
 
@@ -101,6 +110,10 @@ def write_vqa_sets(splits: dict[str, list[dict]], source, out: str | Path, optio
     features. Images without features, or whose features cannot be read or are wrong, are
     errors; with `lenient`, their questions are left out, and counted. Nothing is in place
     until every set is complete."""
+    unanswered = [name for name in ANSWERED_SPLITS if splits.get(name) and "answers" not in splits[name][0]]
+    if unanswered:
+        raise InputError(f"the {' and '.join(unanswered)} questions came without their annotations file: the answer "
+                         "vocabulary and the training targets need them")
     answered = [q for name in ANSWERED_SPLITS for q in splits.get(name, [])]
     if not answered:
         raise InputError("the answer vocabulary needs the train and/or val annotations")

@@ -159,3 +159,68 @@ def test_pipeline_unpacks_every_question_once(tmp_path):
     ids = [e["question_id"] for e in batch.examples]
     assert ids != list(range(ids[0], ids[0] + 16))  # not one image's questions after the next's, in order
     assert set(batch.targets["scores"].unique().tolist()) <= {float(np.float32(s)) for s in (0, 0.3, 0.6, 0.9, 1)}
+
+
+def _convert(raw, features, out, annotations=("train", "val")):
+    import subprocess
+    import sys
+
+    from helpers import ENV, ROOT
+
+    return subprocess.run([sys.executable, "-m", "shards", "vqa", "--questions", f"train={raw}/train_questions.json",
+                           f"val={raw}/val_questions.json", "--features-dir", str(features), "--out", str(out),
+                           "--minival", "2", "--min-answer-count", "1", *(
+                               ["--annotations", *(f"{s}={raw}/{s}_annotations.json" for s in annotations)]
+                               if annotations else [])], capture_output=True, text=True, env=ENV, cwd=ROOT)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (None, "the val questions came without their annotations file"),
+    (("questions", "question_id", [1]), "train_questions.json: questions[0]: question_id is '[1]', not an integer"),
+    (("annotations", "multiple_choice_answer", 3), "train_annotations.json: annotations[0]: multiple_choice_answer "
+                                                   "is '3', not a string"),
+    (("questions", "question", 7), "train_questions.json: questions[0]: question is '7', not a string"),
+])
+def test_converter_inputs_of_the_wrong_type_are_one_line_errors(tmp_path, damage, message):
+    raw = tmp_path / "raw"
+    features = _write_vqa_files(raw, np.random.default_rng(0))
+    if damage is not None:
+        kind, field, value = damage
+        path = raw / f"train_{kind}.json"
+        records = json.loads(path.read_text())
+        records[kind][0][field] = value
+        path.write_text(json.dumps(records))
+    done = _convert(raw, features, tmp_path / "out", annotations=("train",) if damage is None else ("train", "val"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert message in done.stderr.splitlines()[-1], done.stderr[-2000:]
+
+
+def test_a_bad_question_in_a_task_shard_is_skipped_and_named(tmp_path, caplog):
+    from shards.toyvqa import write_toy_vqa
+    from shards.writer import ShardSetWriter
+    from vilbert.data import DataConfig, ShardIndex, build_loader
+    from vilbert.data.format import encode_sample, read_checked_samples
+    from vilbert.tasks.vqa import VQA, VQAOptions
+
+    write_toy_vqa(tmp_path / "toy", 20, 6, feature_dim=16)
+    source = ShardIndex.read(tmp_path / "toy/val")
+    samples = [s for shard in source.shards for _, s, _ in read_checked_samples(str(tmp_path / "toy/val" / shard.name))]
+    broken = {0: ("question", 5), 1: ("answers", "yes"), 2: ("question_id", [3])}
+    with ShardSetWriter(tmp_path / "bad", max_samples=100, feature_dim=16, num_classes=0, class_topk=0,
+                        max_regions=source.max_regions, source="test", task=source.task) as writer:
+        for i, s in enumerate(samples):
+            questions = [dict(q) for q in s["meta"]["questions"]]
+            if i in broken:
+                questions[0][broken[i][0]] = broken[i][1]
+            arrays = {"features": s["features"], "boxes": s["boxes"]}
+            writer.write(s["key"], encode_sample(s["key"], s["image_id"], [str(q["question"]) for q in questions],
+                                                 s["image_w"], s["image_h"], arrays, {"questions": questions}))
+    task = VQA(VQAOptions(), ShardIndex.read(tmp_path / "toy/train"))
+    loader, _ = build_loader(DataConfig(shards=str(tmp_path / "bad"), batch_size=8, workers=0), train=False,
+                                  task=task)
+    ids = {e["question_id"] for batch in loader for e in batch.examples}
+    assert len(ids) == sum(len(s["meta"]["questions"]) for i, s in enumerate(samples) if i not in broken)
+    assert loader.health.totals()["bad"] == 3
+    for why in ("the question 5 is not a string", "answers 'yes' are not a list of strings",
+                "question_id [3] is not an integer"):
+        assert why in caplog.text

@@ -121,6 +121,19 @@ def soft_targets(answers: list[str], answer_index: dict[str, int]) -> list[tuple
 
 
 # --- the task ----------------------------------------------------------------------------
+def check_question(q) -> None:
+    """ValueError naming what is wrong with a question record of a VQA shard."""
+    if not isinstance(q, dict):
+        raise ValueError(f"a question is {type(q).__name__}, not a record")
+    if not isinstance(q.get("question_id"), int) or isinstance(q.get("question_id"), bool):
+        raise ValueError(f"question_id {q.get('question_id')!r:.40} is not an integer")
+    if not isinstance(q.get("question"), str):
+        raise ValueError(f"question {q['question_id']}: the question {q.get('question')!r:.40} is not a string")
+    answers = q.get("answers", [])
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"question {q['question_id']}: answers {answers!r:.60} are not a list of strings")
+
+
 @dataclass
 class VQAOptions:
     max_question_tokens: int = 16  # [CLS] and [SEP] included; the multi-task code uses 23
@@ -152,6 +165,10 @@ class VQA(Task):
                              "in one `python -m shards vqa` run")
 
     def examples(self, sample: dict) -> list[dict]:
+        """One example per question; ValueError (the sample is skipped and counted, as any bad
+        sample) for a question record of the wrong shape."""
+        for q in sample["meta"]["questions"]:
+            check_question(q)
         image = {k: sample[k] for k in ("features", "boxes", "image_w", "image_h")}  # shared, not copied
         return [{**image, "question_id": q["question_id"], "question": q["question"],
                  "answers": q.get("answers", []), "answer_type": q.get("answer_type", ""),

@@ -183,7 +183,11 @@ class FinetuningObjective:
         records = predict(engine, loader, self.task, dtype, engine.device,
                           collective_forward=engine.zero_optimization_stage() == 3, show_progress=self.env.is_main,
                           source=self.config.eval.shards)
-        return {f"val/{name}": value for name, value in self.task.evaluate(records).items()}
+        metrics = {f"val/{name}": value for name, value in self.task.evaluate(records).items()}
+        if not metrics and self.env.is_main:
+            log.warning("eval.shards=%s holds no answers (a test split?): no validation metric, so no checkpoint is "
+                        "called best and the last step's model is exported", self.config.eval.shards)
+        return metrics
 
 
 def evaluate_run(run_dir: str | Path, split: str, out: str | Path | None = None, tag: str | None = None,
