@@ -46,3 +46,19 @@ def check_shards(spec: str) -> tuple[int, list[Problem]]:
             lost = f" ({wanted - members} lost)" if wanted > members else ""
             problems.append(Problem(url, "-", f"index says {wanted} samples, shard has {members}{lost}"))
     return good, problems
+
+
+def objectives(spec: str) -> str:
+    """What a shard set can train, from its index, in words ('' without an index)."""
+    try:
+        _, index = resolve_shards(spec)
+    except (OSError, ValueError):
+        return ""
+    if index is None:
+        return ""
+    if index.task:
+        return f"task set: {index.task.get('name', '?')} ({index.task.get('examples', '?')} examples)"
+    regions = (f"masked regions with the paper's KL to the detector's {index.num_classes} classes (cls_prob)"
+               if index.num_classes else "masked regions by feature regression only (no cls_prob: pretrain with "
+               f"model.overrides.visual_target=1 model.overrides.v_target_size={index.feature_dim})")
+    return f"pretraining set: masked text, image-caption alignment, {regions}"

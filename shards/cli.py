@@ -103,12 +103,14 @@ def _write(args) -> int:
 
 
 def _check(args) -> int:
-    from shards.check import check_shards
+    from shards.check import check_shards, objectives
 
     good, problems = check_shards(args.shards)
     for problem in problems:
         print(problem)
     print(f"{good} good samples, {len(problems)} problems")
+    if supported := objectives(args.shards):
+        print(supported)
     return 1 if problems else 0
 
 

@@ -62,7 +62,8 @@ def make_inputs(config: ViLBERTConfig, batch=3, tokens=9, regions=6, generator_s
 
 def write_sample_shards(directory, n_shards=4, per_shard=10, feature_dim=8, num_classes=5, seed=0,
                         captions_of=lambda image_id: [f"a photo of {image_id}", f"{image_id} again"]):
-    """A small shard set of random, valid samples (image ids img0000, img0001, ...)."""
+    """A small shard set of random, valid samples (image ids img0000, img0001, ...);
+    `num_classes=0`: without detector class distributions."""
     import numpy as np
 
     from shards.build import ShardOptions, encode_record
@@ -77,8 +78,9 @@ def write_sample_shards(directory, n_shards=4, per_shard=10, feature_dim=8, num_
             xy = rng.uniform(0, 50, (n, 2))
             record = dict(image_id=f"img{i:04d}", image_w=100, image_h=80,
                           features=rng.normal(size=(n, feature_dim)).astype(np.float32),
-                          boxes=np.concatenate([xy, xy + 20], 1).astype(np.float32),
-                          cls_prob=rng.dirichlet(np.ones(num_classes), n).astype(np.float32))
+                          boxes=np.concatenate([xy, xy + 20], 1).astype(np.float32))
+            if num_classes:
+                record["cls_prob"] = rng.dirichlet(np.ones(num_classes), n).astype(np.float32)
             writer.write(record["image_id"], encode_record(record, captions_of(record["image_id"]), options,
                                                            key=record["image_id"]))
     return directory

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ENV, ROOT, train_config
+from helpers import ENV, ROOT, train_config, write_sample_shards
 from slurm_cluster import LocalSlurmCluster, SlurmUnavailable, loopback_host_names
 from vilbert.launch import cli
 from vilbert.launch.job import resumed_argv
@@ -26,13 +26,14 @@ DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMO
 
 
 # --- arguments and the script: no scheduler needed -------------------------------------------------
-def test_dry_run_for_4_nodes_x_8_gpus(tmp_path, capsys, monkeypatch):
+def test_dry_run_for_4_nodes_x_8_gpus(tmp_path, capsys, monkeypatch, toy_world):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://login-1:5000")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2")
     status = cli.main(["pretrain", "--nodes", "4", "--gpus-per-node", "8", "--cpus-per-task", "10", "--time",
                        "1-00:00:00", "--partition", "gpu", "--sbatch", "mail-type=END", "--log-dir",
                        str(tmp_path / "logs"), "--dry-run", "--config", str(ROOT / "configs/paper.yaml"),
-                       "optim.lr=5e-5", "model.bert=minilm"])  # the config's BERT path is a placeholder
+                       "optim.lr=5e-5", "model.bert=minilm", "data.batch_size=16",  # 512 = 16 x 32 ranks
+                       f"data.shards={toy_world}/train", f"eval.shards={toy_world}/val"])  # its paths: placeholders
     script = capsys.readouterr().out
     assert status == 0
     for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8",
@@ -64,6 +65,33 @@ def test_arguments_pass_through_and_are_checked_before_submission(tmp_path, caps
     assert cli.main(["pretrain", "--dry-run", "--config", str(config)]) == 2
     assert "not submitted" in capsys.readouterr().err
     assert cli.main(["pretrain", "--dry-run", "--config", str(config), "--resume", "auto"]) == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.global_batch_size=24", "optim.global_batch_size=24 is not a multiple of data.batch_size=8 (the micro "
+                                   "batch per rank) x world size 2 = 16"),
+    ("data.shards=/no/such/set", "/no/such/set: no such shard-set directory"),
+    ("eval.shards=/no/such/val", "/no/such/val: no such shard-set directory"),
+])
+def test_what_would_fail_on_a_compute_node_is_refused_before_submission(tmp_path, capsys, toy_world, override,
+                                                                         message):
+    config = train_config(tmp_path, toy_world, optim={"global_batch_size": 16})
+    assert cli.main(["pretrain", "--dry-run", "--tasks-per-node", "2", "--config", str(config), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("launch/slurm.py: not submitted: ") and message in err, err
+
+
+def test_a_set_without_class_distributions_is_named_with_the_two_ways_forward(tmp_path, capsys):
+    write_sample_shards(tmp_path / "set", n_shards=1, per_shard=10, num_classes=0)
+    for split in ("train", "val"):
+        (tmp_path / split).symlink_to(tmp_path / "set")
+    config = train_config(tmp_path, tmp_path)
+    assert cli.main(["pretrain", "--dry-run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "has no detector class distributions (cls_prob)" in err and "cls_prob, or regress" in err
+    assert "model.overrides.visual_target=1 model.overrides.v_target_size=8" in err
+    assert cli.main(["pretrain", "--dry-run", "--config", str(config), "model.overrides.visual_target=1",
+                     "model.overrides.v_target_size=8"]) == 0
 
 
 def test_a_requeued_command_resumes_and_never_overwrites():
@@ -250,3 +278,19 @@ def test_two_nodes_one_task_each(slurm, tmp_path, toy_world):
     assert info["NumNodes"] == "2"
     run = _assert_each_step_once(tmp_path, tmp_path / "run", 6)
     assert run.data.params["world_size"] == "2" and run.data.tags["slurm.nodelist"] == info["NodeList"]
+
+
+def test_status_shows_the_one_line_cause_of_a_failed_job(tmp_path, capsys):
+    from vilbert import cli as vilbert_cli
+    from vilbert.launch.manage import status
+
+    errors = []
+    assert vilbert_cli.main(["pretrain", "--config", str(tmp_path / "none.yaml")], errors) == 1
+    assert errors == [f"vilbert pretrain: error: --config {tmp_path}/none.yaml: no such file"]
+    logs = tmp_path / "logs/77"
+    logs.mkdir(parents=True)
+    (logs / "77_0_log.err").write_text(f"INFO vilbert.train: ...\n{errors[0]}\nTraceback (most recent call last):\n"
+                                       f"  File \"job.py\", line 1\nvilbert.launch.job.JobFailed: {errors[0]}\n")
+    capsys.readouterr()
+    status("77", str(tmp_path / "logs"))
+    assert f"     cause: {errors[0]}" in capsys.readouterr().out

@@ -26,7 +26,8 @@ class _Outage:
 
 
 def _tracker(tmp_path, resumed_step=None):
-    config = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="outage", system_metrics=False)
+    config = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="outage", system_metrics=False,
+                            retry_s=0.0)
     tracker = tracking.Tracker(config, tmp_path / "run", enabled=True)
     tracker.start({"p": 1}, "run", resumed_step=resumed_step)
     return tracker
@@ -50,7 +51,6 @@ def _history(tmp_path):
 def test_what_mlflow_missed_while_down_is_sent_when_it_is_back(tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, "vilbert")
     outage = _Outage(monkeypatch)
-    monkeypatch.setattr(tracking, "RETRY_S", 0.0)
     tracker = _tracker(tmp_path)
     _log(tracker, [1, 2, 3])
     outage.down = True
@@ -97,7 +97,6 @@ def test_mlflow_down_at_the_start_gets_the_whole_run_once_it_is_up(tmp_path, mon
             raise ConnectionError("server unreachable")
         return real(*args, **kwargs)
     monkeypatch.setattr(mlflow, "set_experiment", set_experiment)
-    monkeypatch.setattr(tracking, "RETRY_S", 0.0)
     tracker = _tracker(tmp_path)
     assert not tracking.read_state(tmp_path / "run")  # no MLflow run yet
     _log(tracker, [1, 2])  # the commit starts the run, then sends the steps (on time: none was refused)

@@ -91,24 +91,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_pretrain(args: argparse.Namespace) -> None:
-    """What can be checked before a job waits in a queue: the config, and the output directory."""
+def _check_pretrain(args: argparse.Namespace, world_size: int) -> None:
+    """What can be checked before a job waits in a queue: the config, its inputs (shard sets,
+    BERT, DeepSpeed file), the batch sizes for `world_size` ranks, and the output directory."""
     from vilbert.train import load_config
-    from vilbert.train.config import check_inputs
-    from vilbert.train.run_dir import plan
+    from vilbert.train.preflight import check_run
 
-    config = load_config(args.config, args.overrides)
-    check_inputs(config)
-    plan(config, args.resume, args.overwrite)
+    check_run(load_config(args.config, args.overrides), world_size, args.resume, args.overwrite)
 
 
-def _check_finetune(args: argparse.Namespace) -> None:
-    from vilbert.train.config import check_inputs
-    from vilbert.train.run_dir import plan
+def _check_finetune(args: argparse.Namespace, world_size: int) -> None:
+    from vilbert.train.preflight import check_run
 
-    config = _finetune_config(args)
-    check_inputs(config)
-    plan(config, args.resume, args.overwrite)
+    check_run(_finetune_config(args), world_size, args.resume, args.overwrite)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -119,7 +114,7 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_evaluate(args: argparse.Namespace) -> None:
+def _check_evaluate(args: argparse.Namespace, world_size: int) -> None:
     from pathlib import Path
 
     from vilbert.tasks import task_class
@@ -214,7 +209,8 @@ def _with_parents(*parents: argparse.ArgumentParser):
 @dataclass(frozen=True)
 class LaunchableCommand:
     parser: argparse.ArgumentParser
-    check: Callable[[argparse.Namespace], None] | None  # raises before submission what would fail in the job
+    check: Callable[[argparse.Namespace, int], None] | None  # (args, world size): raises before submission
+    #                                                           what would fail in the job
     resumable: bool  # takes --resume: a requeued job continues with --resume auto
 
 
@@ -224,6 +220,13 @@ def launchable_commands() -> dict[str, LaunchableCommand]:
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     return {name: LaunchableCommand(sub, sub.get_default("check"), "--resume" in sub._option_string_actions)
             for name, sub in subcommands.items() if sub.get_default("launchable")}
+
+
+def _failed(line: str, status: int, errors: list[str] | None) -> int:
+    print(line, file=sys.stderr)
+    if errors is not None:
+        errors.append(line)
+    return status
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -238,11 +241,12 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, errors: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 error (one line: a bad config value, a missing file, data that
     cannot feed the run; with --debug the traceback), 2 bad arguments or a run already in the
     output directory, 3 a rank was lost (hung or dead: resume from the last checkpoint), 128 + N
-    stopped by signal N after writing a checkpoint (143: SIGTERM)."""
+    stopped by signal N after writing a checkpoint (143: SIGTERM). `errors` receives the line
+    printed for a failure (a SLURM job names its cause with it)."""
     args = parse_args(build_parser(), argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -253,21 +257,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except RunExists as e:
-        print(f"vilbert {args.command}: {e}", file=sys.stderr)
-        return 2
+        return _failed(f"vilbert {args.command}: {e}", 2, errors)
     except TrainingInterrupted as e:
         print(f"vilbert {args.command}: {e}", file=sys.stderr)
         return e.exit_status
     except RankLost as e:
         if args.debug:
             raise
-        print(f"vilbert {args.command}: error: {e}", file=sys.stderr)
-        return RANK_LOST_EXIT
+        return _failed(f"vilbert {args.command}: error: {e}", RANK_LOST_EXIT, errors)
     except (ValueError, OSError, DataError) as e:  # the user's to fix: say what, not where in our code
         if args.debug:
             raise
-        print(f"vilbert {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return _failed(f"vilbert {args.command}: error: {e}", 1, errors)
 
 
 if __name__ == "__main__":

@@ -121,14 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     command_argv = [args.command, *rest, *passthrough]
     command = commands[args.command]
     checked = parse_args(command.parser, command_argv[1:])  # exits with the command's usage on a bad argument
-    if command.check is not None:
-        try:
-            command.check(checked)
-        except (ValueError, FileNotFoundError, RuntimeError) as e:
-            print(f"launch/slurm.py: not submitted: {e}", file=sys.stderr)
-            return 2
     options = ClusterOptions(**{k: v for k, v in vars(args).items()
                                 if k not in ("command", "dry_run", "wait")})
+    if command.check is not None:
+        try:
+            command.check(checked, options.nodes * options.tasks)
+        except (ValueError, OSError, RuntimeError) as e:
+            print(f"launch/slurm.py: not submitted: {e}", file=sys.stderr)
+            return 2
     line = "vilbert " + " ".join(shlex.quote(a) for a in command_argv)
     if args.dry_run and args.cluster != "slurm":
         parser.error("--dry-run shows the sbatch script: --cluster slurm only")

@@ -61,13 +61,14 @@ class VilbertJob:
         argv = resumed_argv(self.argv) if restarted and self.resumable else self.argv
         warning = self._forward_warning_signal(stop_request)
         log.info("running: vilbert %s", " ".join(argv))
-        status = cli.main(argv)
+        errors: list[str] = []
+        status = cli.main(argv, errors)
         if status == 128 + warning and not self._requeue_refused:
             log.info("stopped on %s after a checkpoint; the requeued job resumes from it (rank 0 requeues, "
                      "unless --max-requeues is used up: see its log)", signal.Signals(warning).name)
             return status
         if status != 0:
-            raise JobFailed(f"vilbert {' '.join(argv)} exited with status {status}")
+            raise JobFailed(errors[-1] if errors else f"vilbert {' '.join(argv)} exited with status {status}")
         return status
 
     def checkpoint(self, *args, **kwargs):

@@ -8,6 +8,7 @@ and `sacct` needs slurmdbd, which many small clusters do not run).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                  "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "PREEMPTED"}
+CAUSE = re.compile(r"^vilbert [\w-]+: (error: )?")  # the one line a failed command prints (vilbert.cli)
 SHOWN = ("JobId", "JobName", "JobState", "Reason", "RunTime", "TimeLimit", "NumNodes", "NumTasks", "NodeList",
          "Restarts", "ExitCode", "StdErr")
 
@@ -57,8 +59,12 @@ def status(job_id: str, log_dir: str) -> int:
             print(f"{key:>10}: {info[key]}")
     for path in log_files(job_id, log_dir, info):
         if path.suffix == ".err" and path.exists():
+            lines = screen_lines(path.read_bytes())
+            causes = [line for line in lines if CAUSE.match(line)]
+            if causes:
+                print(f"{'cause':>10}: {causes[-1]}")
             print(f"rank 0's log ({path}) ends:")
-            print("\n".join(screen_lines(path.read_bytes())[-3:]) or "(empty)")
+            print("\n".join(lines[-3:]) or "(empty)")
     return 0 if info else 1
 
 

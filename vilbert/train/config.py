@@ -75,6 +75,7 @@ class TrackingConfig:
     log_every: int = 10
     system_metrics: bool = True
     new_run: bool = False  # a resumed run continues its MLflow run; true: start a new one
+    retry_s: float = 60.0  # while MLflow is down, how often a checkpoint's commit tries again (a try may wait 10 s)
 
 
 @dataclass
@@ -137,7 +138,7 @@ LIMITS = {  # dotted key -> (test, what it takes): values that would crash or ha
     "optim.warmup_fraction": _UNIT, "optim.steps": _POSITIVE, "optim.epochs": _NON_NEGATIVE,
     "optim.global_batch_size": _POSITIVE, "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "each in [0, 1)"),
     "checkpoint.every_steps": _POSITIVE, "checkpoint.keep_last": _POSITIVE, "tracking.log_every": _POSITIVE,
-    "distributed.timeout_s": _POSITIVE, "distributed.heartbeat_s": _POSITIVE,
+    "tracking.retry_s": _NON_NEGATIVE, "distributed.timeout_s": _POSITIVE, "distributed.heartbeat_s": _POSITIVE,
 }
 
 

@@ -40,6 +40,20 @@ def build_model(config: TrainConfig, feature_dim: int, num_classes: int):
     return model, frozenset(report.loaded)
 
 
+def check_region_targets(config: TrainConfig, num_classes: int, feature_dim: int) -> None:
+    """ConfigError when the masked-region objective asked for needs what the shards lack: the
+    paper's KL target needs the detector's class distributions (`cls_prob`)."""
+    from vilbert.config import VISUAL_TARGET_KL
+    from vilbert.train.config import ConfigError
+
+    if num_classes == 0 and config.model.overrides.get("visual_target", VISUAL_TARGET_KL) == VISUAL_TARGET_KL:
+        raise ConfigError(
+            f"data.shards={config.data.shards} has no detector class distributions (cls_prob), which the paper's "
+            f"masked-region objective (KL to the detector's classes) needs. Either write the shards from detector "
+            f"output that has cls_prob, or regress the masked features instead: model.overrides.visual_target=1 "
+            f"model.overrides.v_target_size={feature_dim}")
+
+
 class PretrainingObjective:
     name = "pretraining"
     metric_names = (*LOSSES, "alignment_accuracy")
@@ -53,6 +67,8 @@ class PretrainingObjective:
 
         self.config, self.env, self.data_factory = config, env, data_factory
         self.index = shard_index(config.data) if data_factory is None else None
+        if self.index is not None:
+            check_region_targets(config, self.index.num_classes, self.index.feature_dim)
 
     @property
     def examples_per_epoch(self) -> int:

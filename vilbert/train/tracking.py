@@ -10,7 +10,7 @@ a resume cuts it back to the resumed step.
 The default store is an embedded SQLite file (nothing to start); MLFLOW_TRACKING_URI or
 `tracking.uri` point elsewhere. If MLflow fails (down at start, or mid-run), training goes
 on and every metric is still in `<output_dir>/metrics.jsonl`. What MLflow missed is sent
-when it is back: each commit retries the backlog (at most every RETRY_S), in step order,
+when it is back: each commit retries the backlog (at most every `tracking.retry_s`), in step order,
 and `tracking.json` records the last step MLflow has (`mlflow_step`), so the next start of
 the same run sends the rest from metrics.jsonl. Each step reaches MLflow once; the run's
 `tracking.late_steps` tag counts the steps that arrived late.
@@ -33,7 +33,6 @@ METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "tracking.json"  # {"run_id", "uri", "experiment", "slurm_jobs": {job id: restarts},
 #                                "mlflow_step": the last step MLflow has, "late_steps": steps sent late}
 MLFLOW_BATCH = 1000  # metrics per log_batch call (MLflow's limit)
-RETRY_S = 60.0  # while MLflow is down, how often a commit tries again (each try can wait for its timeout)
 
 
 def default_uri(output_dir: str | Path) -> str:
@@ -198,7 +197,7 @@ class Tracker:
             return
         self._backlog += self._pending
         self._pending = []
-        if self._down_since is not None and time.monotonic() - self._last_try < RETRY_S:
+        if self._down_since is not None and time.monotonic() - self._last_try < self.config.retry_s:
             return
         if self._begin is not None and not self._call("start", self._begin):
             self._late.update(step for step, _, _ in self._backlog)
