@@ -183,3 +183,27 @@ def test_zero3_evaluation_in_lockstep_over_uneven_shards(tmp_path, toy_vqa):
     assert done.returncode == 0, done.stderr[-3000:]
     evaluation = next(m for m in read_metrics(tmp_path / "run") if "val/questions" in m)
     assert evaluation["val/questions"] == ShardIndex.read(toy_vqa / "val").task["examples"]
+
+
+def test_finetuning_against_a_split_without_answers_says_so_and_calls_nothing_best(tmp_path, toy_vqa):
+    from shards.writer import ShardSetWriter
+    from vilbert.data import ShardIndex
+    from vilbert.data.format import encode_sample, read_checked_samples
+
+    val = ShardIndex.read(toy_vqa / "val")
+    with ShardSetWriter(tmp_path / "test", max_samples=100, feature_dim=val.feature_dim, num_classes=0, class_topk=0,
+                        max_regions=val.max_regions, source="test", task=val.task) as writer:
+        for shard in val.shards:
+            for _, s, _ in read_checked_samples(str(toy_vqa / "val" / shard.name)):
+                questions = [{k: v for k, v in q.items() if k != "answers"} for q in s["meta"]["questions"]]
+                writer.write(s["key"], encode_sample(s["key"], s["image_id"], s["captions"], s["image_w"],
+                                                     s["image_h"], {"features": s["features"], "boxes": s["boxes"]},
+                                                     {"questions": questions}))
+    path = _config(tmp_path, toy_vqa, model={"preset": "tiny", "bert": ""}, optim={"steps": 4},
+                   eval={"every_steps": 2, "shards": str(tmp_path / "test")}, checkpoint={"every_steps": 2})
+    done = _vilbert("finetune", "--task", "vqa", "--config", str(path), "model.overrides.vocab_size=30522")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"eval.shards={tmp_path / 'test'} holds no answers (a test split?)" in done.stderr
+    assert "best" not in done.stdout and not (tmp_path / "run/checkpoints/best.json").exists()
+    assert "model (the last step's: no validation metric)" in done.stdout
+    assert (tmp_path / "run/model/model.safetensors").exists()  # the last step's

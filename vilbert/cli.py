@@ -72,7 +72,8 @@ def _finetune(args: argparse.Namespace) -> int:
     best = {k.removeprefix("best/"): v for k, v in metrics.items() if k.startswith("best/") and k != "best/step"}
     for name, value in best.items():
         print(f"\nbest {name}: {value:.4f} at step {int(metrics['best/step'])}")
-    print(f"model (the best checkpoint): {config.output_dir}/model; metrics: {config.output_dir}/metrics.jsonl\n"
+    which = "the best checkpoint" if best else "the last step's: no validation metric"
+    print(f"model ({which}): {config.output_dir}/model; metrics: {config.output_dir}/metrics.jsonl\n"
           f"evaluate it with: vilbert evaluate --task {args.task} --checkpoint {config.output_dir} --split val")
     return 0
 
