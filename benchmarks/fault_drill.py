@@ -35,8 +35,12 @@ def metrics(run: Path) -> list[dict]:
 
 
 def last_line(text: str, *needles: str) -> str:
+    """The last line that holds one of `needles`, from where the log line starts (a progress
+    bar may share its terminal line)."""
     lines = [line for line in text.splitlines() if any(n in line for n in needles)]
-    return (lines[-1] if lines else (text.strip().splitlines() or [""])[-1])[:160]
+    line = lines[-1] if lines else (text.strip().splitlines() or [""])[-1]
+    starts = [line.find(m) for m in ("ERROR ", "WARNING ", "vilbert ") if m in line]
+    return line[min(starts) if starts else 0:][:200]
 
 
 class Drill:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -128,5 +129,6 @@ class Heartbeat:
             time.sleep(self.interval_s / 2)
             lost = self.lost()
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return RankLost(f"rank {self.rank}: a collective failed at step {self.step} ({first[:200]})" +
-                        (f": {'; '.join(lost)}" if lost else "") + "; resume from the last checkpoint")
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:120]  # gloo's source location goes
+        failed = f"a collective failed on rank {self.rank} at step {self.step} ({first})"
+        return RankLost((f"{'; '.join(lost)}: {failed}" if lost else failed) + "; resume from the last checkpoint")
