@@ -222,7 +222,7 @@ def test_a_hung_or_killed_rank_ends_the_job_with_a_line_naming_it(tmp_path, toy_
             with contextlib.suppress(ProcessLookupError):  # already gone
                 kill()
     assert process.returncode != 0 and time.time() - began < 60
-    named = f"rank 1 on {socket.gethostname()} (PID {pid}, last at step "
+    named = f"rank 1 on {socket.gethostname()} (PID {pid}, last heard at step "
     assert named in stderr, stderr[-3000:]
     assert ("not heard from for" if fault == "hung" else "has exited") in stderr
     assert "Traceback" not in stderr.split(named)[0].splitlines()[-1]  # the line itself is not a traceback

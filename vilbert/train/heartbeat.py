@@ -103,7 +103,7 @@ class Heartbeat:
             silent, alive = now - since, _alive_here(beat) if beat else None
             if alive is False or silent > self.timeout_s:
                 how = "has exited" if alive is False else f"not heard from for {silent:.0f} s"
-                found.append(f"rank {rank} on {beat.get('host', '?')} (PID {beat.get('pid', '?')}, last at step "
+                found.append(f"rank {rank} on {beat.get('host', '?')} (PID {beat.get('pid', '?')}, last heard at step "
                              f"{beat.get('step', '?')}) {how}")
         return found
 
