@@ -192,10 +192,11 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         # weights_only refused a global (torch's message goes on to advise running the file's code), or the
         # bytes are no pickle at all
-        found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        found = re.search(r"GLOBAL (\S+)", str(e))
         if found is None:
             raise ValueError(f"{path} is not a PyTorch or safetensors checkpoint (not a readable pickle)") from None
-        raise ValueError(f"{path} was refused: loading it would call code, not just read tensors ({found})") from None
+        raise ValueError(f"{path} was refused: loading it would call code ({found.group(1)}), not just read "
+                         f"tensors") from None
     except Exception as e:  # zip and safetensors errors: a file that is not a checkpoint
         raise ValueError(f"{path} is not a PyTorch or safetensors checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
