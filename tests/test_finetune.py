@@ -159,10 +159,13 @@ def test_slurm_launcher_runs_finetune_and_evaluate(tmp_path, toy_vqa, capsys):
 
     commands = launchable_commands()
     assert commands["finetune"].resumable and not commands["evaluate"].resumable  # a requeue resumes training
-    config = _config(tmp_path, toy_vqa)
+    config = _config(tmp_path, toy_vqa, optim={"global_batch_size": 256})  # 16 per rank x 16 ranks
     assert cli.main(["finetune", "--nodes", "2", "--gpus-per-node", "8", "--log-dir", str(tmp_path / "logs"),
                      "--dry-run", "--task", "vqa", "--config", str(config)]) == 0
     assert f"each task runs: vilbert finetune --task vqa --config {config}" in capsys.readouterr().out
+    assert cli.main(["finetune", "--nodes", "2", "--gpus-per-node", "8", "--dry-run", "--task", "vqa", "--config",
+                     str(config), "data.batch_size=32"]) == 2  # 32 x 16 ranks > 256: refused before the queue
+    assert "x world size 16 = 512" in capsys.readouterr().err
     assert cli.main(["evaluate", "--dry-run", "--task", "vqa", "--checkpoint", str(tmp_path / "nothing"),
                      "--split", "val"]) == 2  # checked before it waits in a queue
     assert "not a fine-tuning output directory" in capsys.readouterr().err
