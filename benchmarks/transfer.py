@@ -7,6 +7,7 @@ measured end to end with the project's own commands:
     -> the budget curve: the transfer gain against the pretraining samples (0 = no pretraining)
 
     python benchmarks/transfer.py [--seeds 0 1 2] [--budgets 0 10000 30000 100000] [--out runs/transfer]
+                                  [--finetune optim.steps=600 ...]
 
 Every run's figures are appended to <out>/results.jsonl as they come; a rerun skips what is
 there, so a long benchmark can run in the background and be resumed. `--table` prints the
@@ -84,8 +85,8 @@ def per_kind(run_dir: Path, val_shards: Path) -> dict[str, float]:
 
 
 class Benchmark:
-    def __init__(self, out: Path, overrides: list[str]):
-        self.out, self.overrides = ROOT / out, overrides
+    def __init__(self, out: Path, overrides: list[str], finetune_overrides: list[str] = ()):
+        self.out, self.overrides, self.finetune_overrides = ROOT / out, overrides, list(finetune_overrides)
         self.results_path = self.out / "results.jsonl"
         self.results = [json.loads(line) for line in self.results_path.read_text().splitlines()] \
             if self.results_path.exists() else []
@@ -129,7 +130,7 @@ class Benchmark:
         start = resume_or_overwrite(run_dir)
         run(["-m", "vilbert", "finetune", "--task", "vqa", "--config", FINETUNE, *start,
              f"output_dir={run_dir}", f"seed={seed}", f"data.seed={seed}", f"model.init={init}",
-             "tracking.experiment=toy-transfer"], run_dir.with_suffix(".log"))
+             "tracking.experiment=toy-transfer", *self.finetune_overrides], run_dir.with_suffix(".log"))
         seconds = time.perf_counter() - began
         run(["-m", "vilbert", "evaluate", "--task", "vqa", "--checkpoint", str(run_dir), "--split", "val"],
             run_dir.with_suffix(".eval.log"))
@@ -220,9 +221,11 @@ def main() -> int:
                         help="pretraining samples of the budget curve (seed 0); 0 = no pretraining")
     parser.add_argument("--out", default="runs/transfer")
     parser.add_argument("--table", action="store_true", help="print what results.jsonl holds and stop")
+    parser.add_argument("--finetune", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for every fine-tuning run (the same for both starts)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="for every pretraining run")
     args = parser.parse_args()
-    bench = Benchmark(Path(args.out), args.overrides)
+    bench = Benchmark(Path(args.out), args.overrides, args.finetune)
     if not args.table:
         write_data(pretrain_config(), finetune_config())
         for seed in args.seeds:  # the recipe: probes, then the two starts
