@@ -241,10 +241,11 @@ def export(directory: str | Path, out_dir: str | Path, tag: str | None = None):
     from vilbert import SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
 
     directory = Path(directory)
-    tag = tag or resume_tag(directory, "auto")
     if tag is None:
-        raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    if why := damage(directory, tag):
+        tag = resume_tag(directory, "auto")  # the newest sound one (verified there)
+        if tag is None:
+            raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    elif why := damage(directory, tag):
         raise DamagedCheckpoint(f"checkpoint {tag} in {directory} is damaged: {why}")
     classes = {c.__name__: c for c in (ViLBERTForPretraining, SingleStreamForPretraining, ViLBERTForTasks)}
     model = classes[(directory / MODEL_CLASS).read_text().strip()](

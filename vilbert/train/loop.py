@@ -119,7 +119,7 @@ def _train(config: TrainConfig, objective, env, device_type: str, resume: str, o
     set_intra_op_threads(objective.data_workers)
     if config.optim.epochs or config.eval.every_epochs:
         config = _with_epochs(config, objective.examples_per_epoch)
-    start = run_dir.plan(config, resume, overwrite)  # every rank reads, ...
+    start = run_dir.agreed_plan(config, resume, overwrite, env.is_main)  # rank 0 reads, every rank knows, ...
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = objective.build_model()
     check_vocabulary(config.data.tokenizer, model.config.vocab_size)

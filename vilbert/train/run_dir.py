@@ -135,8 +135,8 @@ def _held_run(config: TrainConfig, tags: list[str]) -> str:
 
 
 def plan(config: TrainConfig, resume: str, overwrite: bool) -> Start:
-    """Decide how this start relates to what the directory holds. Reads only, so that every
-    rank can call it and all reach the same answer (or raise the same error)."""
+    """Decide how this start relates to what the directory holds. Reads only: the launcher
+    calls it before submitting, training through `agreed_plan`."""
     if overwrite and resume not in ("", "none"):
         raise ValueError("--overwrite starts the run again and --resume continues it: pass one of them")
     tags = checkpoint.complete_tags(config.checkpoint_dir)
@@ -149,6 +149,21 @@ def plan(config: TrainConfig, resume: str, overwrite: bool) -> Start:
     point = checkpoint.resume_from(config.checkpoint_dir, resume)
     return Start(point.tag, resumed=True, branched=point.tag is not None and point.tag != tags[-1],
                  damaged=point.damaged)
+
+
+def agreed_plan(config: TrainConfig, resume: str, overwrite: bool, is_main: bool) -> Start:
+    """Collective: `plan` on rank 0 (it reads and verifies the checkpoints once, not once per
+    rank), its answer or its error on every rank."""
+    outcome = None
+    if is_main:
+        try:
+            outcome = (plan(config, resume, overwrite), None)
+        except (ValueError, OSError, RuntimeError) as e:
+            outcome = (None, e)
+    start, error = from_rank0(outcome)
+    if error is not None:
+        raise error
+    return start
 
 
 def prepare(config: TrainConfig, start: Start, overwrite: bool) -> None:
