@@ -153,6 +153,7 @@ class Drill:
         while not any(m["step"] >= 10 for m in metrics(config.parent / "run")):  # logged while the server is down
             time.sleep(0.2)
         server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
+                                   "--artifacts-destination", str(config.parent / "artifacts"),  # not ./mlartifacts
                                    "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], env=ENV,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
