@@ -62,8 +62,8 @@ def read_rates(directory: Path, seconds: float = 3.0) -> tuple[float, float]:
 
     import webdataset as wds
 
-    from vilbert.data.format import decode_sample, read_shard
-
+    from vilbert.data.sample_codec import decode_sample
+    from vilbert.data.tar_reader import read_shard
     shard = str(sorted(directory.glob("*.tar"))[0])
     five = str(directory / "five-members.tar")
     with wds.TarWriter(five) as writer:
@@ -96,8 +96,7 @@ def checksum_cost(directory: Path, seconds: float = 3.0) -> dict[str, float]:
     per-sample CRC-32, and the CRC alone in MB/s."""
     import zlib
 
-    from vilbert.data.format import read_checked_samples, read_shard
-
+    from vilbert.data.tar_reader import read_checked_samples, read_shard
     shard = str(sorted(directory.glob("shard-*.tar"))[0])
     rates = {}
     for verify in (True, False):
@@ -125,7 +124,7 @@ def kl_fidelity(topk_values=(16, 32, 64, 128, CLASSES), regions: int = 2000) -> 
     import torch
 
     from vilbert.data.collate import expand_class_distribution
-    from vilbert.data.format import compact_class_distribution
+    from vilbert.data.sample_codec import compact_class_distribution
     from vilbert.losses import masked_region_kl_loss
 
     rng = np.random.default_rng(1)

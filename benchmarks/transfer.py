@@ -66,7 +66,8 @@ def write_data(pretrain: dict, finetune: dict) -> None:
 
 def per_kind(run_dir: Path, val_shards: Path) -> dict[str, float]:
     """VQA accuracy per question kind of the run's best model, and each kind's floor."""
-    from vilbert.data.format import ShardIndex, read_checked_samples
+    from vilbert.data.shard_index import ShardIndex
+    from vilbert.data.tar_reader import read_checked_samples
     from vilbert.tasks.vqa import normalise_answer, vqa_accuracy
 
     predictions = {r["question_id"]: r["answer"] for r in json.loads((run_dir / "results-val.json").read_text())}

@@ -12,14 +12,9 @@ from tqdm import tqdm
 
 from shards.sources import InputError, Skipped
 from shards.writer import ShardSetWriter, all_or_nothing
-from vilbert.data.format import (
-    BadSample,
-    ShardIndex,
-    compact_class_distribution,
-    decode_sample,
-    encode_sample,
-    validate_sample,
-)
+from vilbert.data.errors import BadSample
+from vilbert.data.sample_codec import compact_class_distribution, decode_sample, encode_sample, validate_sample
+from vilbert.data.shard_index import ShardIndex
 
 SPLITS = ("train", "val")
 

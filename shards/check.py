@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vilbert.data.format import UNREADABLE, read_checked_samples
 from vilbert.data.pipeline import resolve_shards
+from vilbert.data.tar_reader import UNREADABLE, read_checked_samples
 
 
 @dataclass

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.writer import TarShard, all_or_nothing, shard_name
-from vilbert.data.format import ShardIndex, ShardInfo
+from vilbert.data.shard_index import ShardIndex, ShardInfo
 from vilbert.staging import StagedDirectory
 
 CLASSES = ["dog", "cat", "horse", "cow", "sheep", "bird", "car", "bus", "truck", "bicycle", "boat", "train",

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from shards.build import ShardOptions, checked
 from shards.sources import InputError, Skipped
 from shards.writer import ShardSetWriter, all_or_nothing
-from vilbert.data.format import encode_sample
+from vilbert.data.sample_codec import encode_sample
 from vilbert.tasks.vqa import MIN_ANSWER_COUNT, build_answer_vocabulary
 
 MINIVAL_QUESTIONS = 3000

@@ -8,7 +8,8 @@ import contextlib
 import tarfile
 from pathlib import Path
 
-from vilbert.data.format import SAMPLE_SUFFIX, ShardIndex, ShardInfo
+from vilbert.data.sample_codec import SAMPLE_SUFFIX
+from vilbert.data.shard_index import ShardIndex, ShardInfo
 from vilbert.staging import StagedDirectory
 
 

@@ -32,8 +32,9 @@ def corrupt_shards(tmp_path):
 
     from helpers import write_sample_shards
     from shards.writer import TarShard
-    from vilbert.data.format import ShardIndex, decode_sample, encode_sample, read_shard
-
+    from vilbert.data.sample_codec import decode_sample, encode_sample
+    from vilbert.data.shard_index import ShardIndex
+    from vilbert.data.tar_reader import read_shard
     directory = write_sample_shards(tmp_path / "corrupt", n_shards=2, per_shard=40)
     good = {key: data for key, data, _ in read_shard(directory / "shard-000000.tar")}
     first = decode_sample(next(iter(good.values())))

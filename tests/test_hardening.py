@@ -18,8 +18,9 @@ from shards.check import check_shards
 from shards.writer import TarShard
 from vilbert.data import Collator, DataConfig, EmptyStream, ShardIndex, build_loader
 from vilbert.data.errors import BadSample
-from vilbert.data.format import decode_sample, encode_sample, read_checked_samples, validate_sample
 from vilbert.data.pipeline import BadSampleGuard, DataHealth
+from vilbert.data.sample_codec import decode_sample, encode_sample, validate_sample
+from vilbert.data.tar_reader import read_checked_samples
 
 FUZZ_CASES = 300  # a few thousand: benchmarks/shard_fuzz.py
 
@@ -127,8 +128,7 @@ def test_a_truncated_shard_counts_every_sample_it_lost(tmp_path):
 
 def _empty_and_unreadable(directory, kind):
     """Two shards that hold no sample: empty tars, or files that are not tars at all."""
-    from vilbert.data.format import ShardInfo
-
+    from vilbert.data.shard_index import ShardInfo
     directory.mkdir()
     names = ["shard-000000.tar", "shard-000001.tar"]
     for name in names:
@@ -321,23 +321,27 @@ class _CallsCode:
 
 
 # --- output a person can read -------------------------------------------------------------------
-def test_help_imports_neither_torch_nor_transformers():
+def test_help_and_config_import_neither_torch_nor_transformers():
     for module in ("vilbert.cli", "shards.cli"):
         code = (f"import sys; from {module} import build_parser\ntry:\n    build_parser().parse_args(['--help'])\n"
                 "except SystemExit:\n    pass\nprint(sorted({'torch', 'transformers'} & set(sys.modules)))")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT)
         assert done.stdout.strip().splitlines()[-1] == "[]", (module, done.stdout[-500:], done.stderr[-500:])
+    code = "import sys, vilbert.train.config; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert done.stdout.strip().splitlines()[-1] == "[]", (done.stdout[-500:], done.stderr[-500:])
 
 
 def test_the_bert_report_is_a_summary_on_rank_zero_only(caplog, monkeypatch):
     from vilbert import ViLBERTConfig, ViLBERTForPretraining
-    from vilbert.data.tokenizer import default_vocab
+    from vilbert.bert_source import packaged_minilm
+    from vilbert.convert import from_bert
 
     for rank, reports in (("1", 0), ("0", 1)):
         monkeypatch.setenv("RANK", rank)
         caplog.clear()
         with caplog.at_level("INFO", logger="vilbert.convert"):
-            ViLBERTForPretraining.from_bert(default_vocab(), ViLBERTConfig.from_preset("small"))
+            from_bert(ViLBERTForPretraining, packaged_minilm(), ViLBERTConfig.from_preset("small"))
         infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
         assert len(infos) == reports
         if infos:  # counts, three names per kind, and how many more (the full list is at debug level)

@@ -10,7 +10,9 @@ from shards.build import ShardOptions, write_shard_sets
 from shards.cli import main as shards_main
 from shards.sources import FeatureFolderSource, read_captions, select_boxes
 from shards.toyworld import write_toyworld
-from vilbert.data.format import ShardIndex, decode_sample, read_shard
+from vilbert.data.sample_codec import decode_sample
+from vilbert.data.shard_index import ShardIndex
+from vilbert.data.tar_reader import read_shard
 
 
 def _detections(n_images=5, classes=9, features=16, seed=0):

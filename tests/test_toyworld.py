@@ -8,7 +8,7 @@ import pytest
 from shards.cli import main as shards_main
 from shards.toyvqa import questions_for
 from shards.toyworld import CLASSES, COLOURS, MAX_REGIONS, SETTINGS, ToyWorld, WorldOptions, write_toyworld
-from vilbert.data.format import ShardIndex
+from vilbert.data.shard_index import ShardIndex
 
 SMALL = WorldOptions(classes=6, colours=4, objects=(1, 3), boxes_per_object=(1, 2), background_boxes=(0, 2),
                      min_regions=3, noise=0.2, setting_mention=0.0)

@@ -107,8 +107,8 @@ def _write_vqa_files(directory, rng):
 
 def test_converter_writes_the_recipe_splits_with_features_once_per_image(tmp_path):
     from shards.cli import main
-    from vilbert.data.format import ShardIndex, read_checked_samples
-
+    from vilbert.data.shard_index import ShardIndex
+    from vilbert.data.tar_reader import read_checked_samples
     raw = tmp_path / "raw"
     features = _write_vqa_files(raw, np.random.default_rng(0))
     out = tmp_path / "vqa"
@@ -199,7 +199,8 @@ def test_a_bad_question_in_a_task_shard_is_skipped_and_named(tmp_path, caplog):
     from shards.toyvqa import write_toy_vqa
     from shards.writer import ShardSetWriter
     from vilbert.data import DataConfig, ShardIndex, build_loader
-    from vilbert.data.format import encode_sample, read_checked_samples
+    from vilbert.data.sample_codec import encode_sample
+    from vilbert.data.tar_reader import read_checked_samples
     from vilbert.tasks.vqa import VQA, VQAOptions
 
     write_toy_vqa(tmp_path / "toy", 20, 6, feature_dim=16)

@@ -32,12 +32,12 @@ def engine_vs_export(config):
     import deepspeed
     import torch.distributed as dist
 
+    from vilbert.model_factory import build_model
     from vilbert.train import checkpoint
     from vilbert.train.config import deepspeed_config
     from vilbert.train.optim import build_optimizer
-    from vilbert.train.pretraining import build_model
 
-    model, _ = build_model(config, FEATURES, CLASSES)
+    model, _ = build_model(config.model, "pretraining", {"v_feature_size": FEATURES, "v_target_size": CLASSES})
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, config.optim),
                                       config=deepspeed_config(config, dist.get_world_size()))
     checkpoint.load(engine, config.checkpoint_dir, checkpoint.resume_tag(config.checkpoint_dir, "auto"))

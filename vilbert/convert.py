@@ -1,5 +1,6 @@
 """Weights from elsewhere into our models: official ViLBERT checkpoints
-(facebookresearch/vilbert-multi-task, jiasenlu/vilbert_beta) and BERT checkpoints.
+(facebookresearch/vilbert-multi-task, jiasenlu/vilbert_beta), BERT checkpoints, and the
+encoder of a pretrained model of ours (fine-tuning's start).
 
 Official and BERT key names share one translation table: the official text stream uses
 BERT's own names, so the BERT initialisation is the official import restricted to it.
@@ -228,24 +229,49 @@ def load_bert_into(model: nn.Module, bert) -> LoadReport:
     return report
 
 
+def from_bert(model_class: type, bert, config: ViLBERTConfig):
+    """A `model_class` (any of `vilbert.modeling.registry`) whose text stream (embeddings,
+    text layers, MLM head) comes from a BERT checkpoint: a local directory, a state dict, or
+    a transformers model. Everything else starts from N(0, initializer_range). Returns
+    (model, report)."""
+    model = model_class(config)
+    return model, load_bert_into(model, bert)
+
+
+def load_encoder(model: nn.Module, directory: str | Path) -> frozenset[str]:
+    """The two streams and co-attention layers of a pretrained model (`save_pretrained` of
+    pretraining, or `vilbert convert-official` output) into `model.vilbert`; all of them
+    must be there. Heads stay as they are. Returns the state-dict names loaded."""
+    state = read_checkpoint(directory)
+    encoder = {k.removeprefix("vilbert."): v for k, v in state.items() if k.startswith("vilbert.")}
+    words = "text_embeddings.word_embeddings.weight"
+    if words not in encoder and "heads.mlm.decoder.weight" in state:  # tied: saved under the decoder's name
+        encoder[words] = state["heads.mlm.decoder.weight"]
+    missing, unexpected = model.vilbert.load_state_dict(encoder, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory} does not fit the model: {len(missing)} encoder tensors missing (e.g. "
+                         f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    log.info("encoder from %s: %d tensors loaded; task heads start fresh", directory, len(encoder))
+    return frozenset(f"vilbert.{k}" for k in encoder)
+
+
 def convert_official(config_path: str | Path, checkpoint_path: str | Path, out_dir: str | Path | None = None,
                      model_kind: str = "auto"):
     """Load an official ViLBERT checkpoint into `ViLBERTForPretraining` or `ViLBERTForTasks`
     (auto: tasks when the checkpoint has task heads), optionally `save_pretrained` it to
     `out_dir`. Returns (model, report)."""
-    from vilbert.modeling import ViLBERTForPretraining, ViLBERTForTasks
+    from vilbert.modeling.registry import PRETRAINING, TASKS, model_class
 
     state = read_checkpoint(checkpoint_path)
     keys = {_normalise(k) for k in state}
     if model_kind == "auto":
-        model_kind = "tasks" if any(k.startswith("vil_prediction.") for k in keys) else "pretraining"
+        model_kind = TASKS if any(k.startswith("vil_prediction.") for k in keys) else PRETRAINING
     overrides = {}
     if "vil_prediction.logit_fc.3.weight" in keys:
         answers = next(v for k, v in state.items() if _normalise(k) == "vil_prediction.logit_fc.3.weight")
         overrides["num_vqa_answers"] = answers.shape[0]
     config = ViLBERTConfig.from_official_json(config_path, **overrides)
-    model_class = {"tasks": ViLBERTForTasks, "pretraining": ViLBERTForPretraining}[model_kind]
-    model = model_class(config)
+    model = model_class("vilbert", model_kind)(config)
     report = load_state_into(model, state)
     base = f"{model.base_model_prefix}."
     encoder = [k for k in model.state_dict() if k.startswith(base)]
@@ -256,7 +282,7 @@ def convert_official(config_path: str | Path, checkpoint_path: str | Path, out_d
                          f"{len(report.unexpected)} of its keys are unknown): is it an official ViLBERT checkpoint, "
                          f"and is {config_path} its config?")
     if report.missing or report.unexpected:
-        log.warning("official checkpoint %s does not fully cover %s:\n%s", checkpoint_path, model_class.__name__,
+        log.warning("official checkpoint %s does not fully cover %s:\n%s", checkpoint_path, type(model).__name__,
                     report.summary())
     if out_dir is not None:
         model.save_pretrained(out_dir)

@@ -9,6 +9,11 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100  # label of tokens that carry no masked-LM target (the official code used -1)
 
 
+def labelled_positions(masked_lm_labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into [B*T] of the tokens that carry a masked-LM label, in order."""
+    return (masked_lm_labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+
+
 def _zero(like: torch.Tensor) -> torch.Tensor:
     """A 0 that stays attached to the graph, so every parameter still gets a (zero) gradient."""
     return like.sum() * 0.0

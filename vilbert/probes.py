@@ -34,8 +34,8 @@ def read_scenes(shard_set, images: int) -> list[dict]:
     """The first `images` samples of a toy-world shard set (in shard order), with their scenes."""
     from pathlib import Path
 
-    from vilbert.data.format import ShardIndex, read_checked_samples
-
+    from vilbert.data.shard_index import ShardIndex
+    from vilbert.data.tar_reader import read_checked_samples
     index, samples = ShardIndex.read(shard_set), []
     for shard in index.shards:
         samples += [s for _, s, _ in read_checked_samples(str(Path(shard_set) / shard.name)) if s is not None]

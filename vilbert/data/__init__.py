@@ -3,10 +3,11 @@ numpy only, the pipeline torch)."""
 
 import importlib
 
-_EXPORTS = {"Batch": "collate", "Collator": "collate", "ShardIndex": "format", "decode_sample": "format",
-            "encode_sample": "format", "DataConfig": "pipeline", "ShardStream": "pipeline", "build_loader": "pipeline",
-            "resolve_shards": "pipeline", "TooManyBadSamples": "errors", "EmptyStream": "errors",
-            "DataError": "errors", "load_tokenizer": "tokenizer"}
+_EXPORTS = {"Batch": "collate", "Collator": "collate", "ShardIndex": "shard_index",
+            "decode_sample": "sample_codec", "encode_sample": "sample_codec", "DataConfig": "config",
+            "ShardStream": "pipeline", "build_loader": "pipeline", "resolve_shards": "pipeline",
+            "TooManyBadSamples": "errors", "EmptyStream": "errors", "DataError": "errors",
+            "load_tokenizer": "tokenizer"}
 __all__ = list(_EXPORTS)
 
 

@@ -17,7 +17,7 @@ import torch
 from vilbert.config import VISUAL_TARGET_KL
 from vilbert.data.masking import mask_regions, mask_tokens
 from vilbert.data.tokenizer import CaptionTokenizer
-from vilbert.modeling.heads import labelled_positions
+from vilbert.losses import labelled_positions
 
 IMG_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)  # the IMG token covers the whole image
 

@@ -36,28 +36,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vilbert.config import VISUAL_TARGET_KL
 from vilbert.data.collate import Collator
+from vilbert.data.config import DataConfig
 from vilbert.data.errors import DataError, EmptyStream, TooManyBadSamples
-from vilbert.data.format import INDEX_NAME, UNREADABLE, ShardIndex, read_checked_samples
+from vilbert.data.shard_index import INDEX_NAME, ShardIndex
+from vilbert.data.tar_reader import UNREADABLE, read_checked_samples
 from vilbert.data.tokenizer import CaptionTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DataConfig:
-    shards: str = ""  # shard-set directory/index.json, or URLs: paths, globs, {000..009} braces, pipe:CMD
-    index: str = ""  # with URLs: the shard set's index.json (a local copy: feature width, classes, regions)
-    fraction: float = 1.0  # of the shard set's samples (whole shards, seeded; needs an index)
-    fraction_seed: int = 0
-    batch_size: int = 32  # per rank (the micro batch)
-    workers: int = 2
-    shuffle_buffer: int = 1000
-    negative_probability: float = 0.5  # alignment negatives: caption of another image
-    negative_buffer: int = 512
-    max_bad_fraction: float = 0.01  # stop when more of a worker's last 10,000 samples are bad or lost
-    verify_checksums: bool = True  # each sample's CRC-32 (`shards check` always verifies)
-    tokenizer: str | None = None  # vocab.txt or tokenizer directory (default: bert-base-uncased vocab)
-    seed: int = 0
 
 
 class DataHealth:

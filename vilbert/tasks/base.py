@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vilbert.data.format import ShardIndex
+from vilbert.data.shard_index import ShardIndex
 
 FLOAT_INPUTS = ("region_features", "region_locations")  # cast to the run's float type
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from vilbert.data.collate import lay_out_regions
-from vilbert.data.format import ShardIndex
+from vilbert.data.shard_index import ShardIndex
 from vilbert.data.tokenizer import CaptionTokenizer, load_tokenizer
 from vilbert.tasks.base import Task, TaskBatch
 

@@ -24,11 +24,24 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-
+from vilbert.config_schema import positive
 from vilbert.staging import StagedDirectory
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # default: <output_dir>/checkpoints
+    every_steps: int = positive(500)
+    keep_last: int = positive(3)
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Whether step `step` ends with a save (the loop also saves a new best, and before a stop)."""
+        return step % self.every_steps == 0 or step == last_step
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +118,8 @@ def damage(directory: str | Path, tag: str) -> str | None:
 
 
 def barrier() -> None:
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -225,6 +240,7 @@ def _quietly(what: str):
 def fp32_state_dict(directory: str | Path, tag: str) -> dict[str, torch.Tensor]:
     """The full fp32 model weights of a checkpoint from any ZeRO stage: ZeRO 1-3 rebuild them
     from the partitioned fp32 master copies; ZeRO 0 keeps the module whole."""
+    import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     path = Path(directory) / tag
@@ -238,7 +254,8 @@ def fp32_state_dict(directory: str | Path, tag: str) -> dict[str, torch.Tensor]:
 
 def export(directory: str | Path, out_dir: str | Path, tag: str | None = None):
     """Write a checkpoint's model as a `save_pretrained` directory (fp32). Returns the model."""
-    from vilbert import SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining, ViLBERTForTasks
+    from vilbert.config import ViLBERTConfig
+    from vilbert.modeling.registry import class_named
 
     directory = Path(directory)
     if tag is None:
@@ -247,8 +264,7 @@ def export(directory: str | Path, out_dir: str | Path, tag: str | None = None):
             raise FileNotFoundError(f"no complete checkpoint in {directory}")
     elif why := damage(directory, tag):
         raise DamagedCheckpoint(f"checkpoint {tag} in {directory} is damaged: {why}")
-    classes = {c.__name__: c for c in (ViLBERTForPretraining, SingleStreamForPretraining, ViLBERTForTasks)}
-    model = classes[(directory / MODEL_CLASS).read_text().strip()](
+    model = class_named((directory / MODEL_CLASS).read_text().strip())(
         ViLBERTConfig.from_json_file(directory / MODEL_CONFIG))
     state = fp32_state_dict(directory, tag)
     missing, unexpected = model.load_state_dict(state, strict=False)

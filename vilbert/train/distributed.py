@@ -21,6 +21,14 @@ import subprocess
 import warnings
 from dataclasses import dataclass
 
+from vilbert.config_schema import positive
+
+
+@dataclass
+class DistributedConfig:
+    timeout_s: float = positive(1800.0)  # a collective waiting longer fails (gloo, NCCL); a big save may rightly wait
+    heartbeat_s: float = positive(120.0)  # a rank silent this long (hung or dead) ends the job (heartbeat.py)
+
 
 @dataclass(frozen=True)
 class DistEnv:

@@ -20,8 +20,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from vilbert.config_schema import build_section
 from vilbert.data.errors import DataError, EmptyStream
-from vilbert.train.config import TrainConfig, build_section
+from vilbert.train.config import TrainConfig
+from vilbert.train.objective import Objective
 
 log = logging.getLogger(__name__)
 
@@ -41,48 +43,16 @@ def make_task(config: TrainConfig, index=None):
                config.data.tokenizer)
 
 
-def load_encoder(model, directory: str | Path) -> frozenset[str]:
-    """The two streams and co-attention layers of a pretrained model (`save_pretrained` of
-    pretraining, or `vilbert convert-official` output) into `model.vilbert`; all of them
-    must be there. Heads stay as they are. Returns the state-dict names loaded."""
-    from vilbert.convert import read_checkpoint
-
-    state = read_checkpoint(directory)
-    encoder = {k.removeprefix("vilbert."): v for k, v in state.items() if k.startswith("vilbert.")}
-    words = "text_embeddings.word_embeddings.weight"
-    if words not in encoder and "heads.mlm.decoder.weight" in state:  # tied: saved under the decoder's name
-        encoder[words] = state["heads.mlm.decoder.weight"]
-    missing, unexpected = model.vilbert.load_state_dict(encoder, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{directory} does not fit the model: {len(missing)} encoder tensors missing (e.g. "
-                         f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-    log.info("encoder from %s: %d tensors loaded; task heads start fresh", directory, len(encoder))
-    return frozenset(f"vilbert.{k}" for k in encoder)
-
-
 def build_task_model(config: TrainConfig, task, feature_dim: int):
     """The model to fine-tune and the state-dict names loaded into it (model.init's encoder, or
     model.bert's text stream); the rest starts fresh."""
-    from vilbert import ViLBERTConfig, ViLBERTForTasks
-    from vilbert.data.tokenizer import default_vocab
+    from vilbert.model_factory import build_model
+    from vilbert.modeling.registry import TASKS
 
-    if config.model.single_stream:
-        raise ValueError("fine-tuning the single-stream baseline is not built yet (model.single_stream=true)")
-    overrides = {**task.model_overrides(), **config.model.overrides}
-    if config.model.init:
-        vil_config = ViLBERTConfig.from_pretrained(config.model.init, **overrides)
-        if vil_config.v_feature_size != feature_dim:
-            raise ValueError(f"model.init={config.model.init} takes {vil_config.v_feature_size}-d region features, "
-                             f"the task shards hold {feature_dim}-d ones")
-        model = ViLBERTForTasks(vil_config)
-        return model, load_encoder(model, config.model.init)
-    vil_config = ViLBERTConfig.from_preset(config.model.preset, **{"v_feature_size": feature_dim, **overrides})
-    if not config.model.bert:
-        return ViLBERTForTasks(vil_config), frozenset()
-    model, report = ViLBERTForTasks.from_bert(default_vocab() if config.model.bert == "minilm" else config.model.bert,
-                                              vil_config)
-    log.info("no pretraining: text stream from BERT (%d tensors), the rest fresh", len(report.loaded))
-    return model, frozenset(report.loaded)
+    model, loaded = build_model(config.model, TASKS, {"v_feature_size": feature_dim}, task.model_overrides())
+    if not config.model.init and config.model.bert:
+        log.info("no pretraining: text stream from BERT (%d tensors), the rest fresh", len(loaded))
+    return model, loaded
 
 
 def _lockstep(batches, device):
@@ -128,7 +98,7 @@ def predict(model, batches, task, dtype: torch.dtype, device, collective_forward
     return records
 
 
-class FinetuningObjective:
+class FinetuningObjective(Objective):
     data_health = None  # the training stream's sample counts (vilbert.data.pipeline.DataHealth)
 
     def __init__(self, config: TrainConfig, env):
@@ -196,33 +166,32 @@ def evaluate_run(run_dir: str | Path, split: str, out: str | Path | None = None,
     run's validation shards), `train`, or a shard set. Returns the metrics (empty for a
     split without labels); writes the predictions in the server's format to `out` (default
     `<run_dir>/results-<split name>.json`) and logs the metrics to the run's MLflow run."""
-    from vilbert import ViLBERTConfig, ViLBERTForTasks
+    from vilbert.config import ViLBERTConfig
     from vilbert.data import build_loader
     from vilbert.data.pipeline import shard_index
+    from vilbert.modeling.registry import TASKS, model_class
     from vilbert.train import checkpoint
     from vilbert.train.config import load_config
-    from vilbert.train.distributed import init_distributed
-    from vilbert.train.precision import float_dtype, resolve_precision
+    from vilbert.train.runtime import start_runtime
     from vilbert.train.tracking import log_evaluation
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a fine-tuning output directory (no config.yaml)")
     config = load_config(run_dir / "config.yaml", overrides)
-    env, device_type = init_distributed(config.distributed.timeout_s)
-    device = torch.device("cuda", env.local_rank) if device_type == "cuda" else torch.device("cpu")
+    runtime = start_runtime(config, training=False)
+    env, device, dtype = runtime.env, runtime.device, runtime.dtype
     shards = {"val": config.eval.shards, "train": config.data.shards}.get(split, split)
     split_name = split if split in ("val", "train") else Path(split.rstrip("/")).name
     data = dataclasses.replace(config.data, shards=shards, fraction=1.0)
     task = make_task(config)
     task.check_split(shard_index(data), shards)
+    cls = model_class(config.model.arch, TASKS)
     if tag is None:
-        model = ViLBERTForTasks.from_pretrained(run_dir / "model")
+        model = cls.from_pretrained(run_dir / "model")
     else:
-        model = ViLBERTForTasks(ViLBERTConfig.from_json_file(config.checkpoint_dir / checkpoint.MODEL_CONFIG))
+        model = cls(ViLBERTConfig.from_json_file(config.checkpoint_dir / checkpoint.MODEL_CONFIG))
         model.load_state_dict(checkpoint.fp32_state_dict(config.checkpoint_dir, tag))
-    dtype = float_dtype(resolve_precision(json.loads(Path(config.deepspeed).read_text()), device_type,
-                                          config.bf16_fallback))
     model.to(device=device, dtype=dtype)
     loader, _ = build_loader(data, train=False, rank=env.rank, world_size=env.world_size, task=task)
     records = predict(model, loader, task, dtype, device, show_progress=env.is_main, source=shards)

@@ -4,10 +4,27 @@ for the parameters that start fresh than for those loaded from a checkpoint (BER
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from vilbert.train.config import OptimConfig
+from vilbert.config_schema import checked, non_negative, positive, unit
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    lr: float = positive(1e-4)
+    fresh_lr: float = non_negative(0.0)  # lr of the parameters that start fresh (not from model.bert/init); 0: lr
+    weight_decay: float = non_negative(0.01)  # not on biases and LayerNorm weights
+    betas: tuple[float, float] = checked((0.9, 0.999), lambda v: all(0 <= b < 1 for b in v), "each in [0, 1)")
+    eps: float = positive(1e-6)
+    warmup_fraction: float = unit(0.1)  # linear warmup, then linear decay to 0
+    steps: int = positive(1000)  # optimizer steps
+    epochs: float = non_negative(0.0)  # instead of steps: passes over the training examples (the shard index counts)
+    global_batch_size: int = positive(512)  # samples per optimizer step, all ranks together (micro: data.batch_size)
 
 
 def parameter_groups(model: nn.Module, config: OptimConfig, loaded: frozenset[str] = frozenset()) -> list[dict]:
@@ -31,6 +48,8 @@ def build_optimizer(model: nn.Module, config: OptimConfig, loaded: frozenset[str
     """apex FusedAdam (AdamW mode) when NVIDIA apex is built and a GPU is used, else torch's
     fused AdamW: one pass over each tensor per step (on CPU 5x faster than its foreach path).
     `loaded`: the state-dict names that came from a checkpoint (see `parameter_groups`)."""
+    import torch
+
     groups = parameter_groups(model, config, loaded)
     if torch.cuda.is_available():
         try:
@@ -74,6 +93,8 @@ class WarmupLinearDecay:
 
 
 def warmup_linear_decay(optimizer: torch.optim.Optimizer, config: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    import torch
+
     warmup = max(1, round(config.warmup_fraction * config.steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinearDecay(warmup, config.steps))
 

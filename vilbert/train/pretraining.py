@@ -14,7 +14,9 @@ from itertools import islice
 import torch
 import torch.distributed as dist
 
+from vilbert.config_schema import ConfigError
 from vilbert.train.config import TrainConfig
+from vilbert.train.objective import Objective
 
 log = logging.getLogger(__name__)
 
@@ -22,29 +24,10 @@ LOSSES = ("loss", "mlm_loss", "region_loss", "alignment_loss")
 EVAL_SEED_OFFSET = -1  # the held-out batches' stream seed, apart from every training step's
 
 
-def build_model(config: TrainConfig, feature_dim: int, num_classes: int):
-    """The model to pretrain and the state-dict names loaded from `model.bert` (the rest is fresh)."""
-    from vilbert import SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining
-    from vilbert.data.tokenizer import default_vocab
-
-    if config.model.init:
-        raise ValueError("model.init (a pretrained model to start from) is for fine-tuning; pretraining starts "
-                         "from model.bert")
-    vil_config = ViLBERTConfig.from_preset(config.model.preset, **{
-        "v_feature_size": feature_dim, "v_target_size": num_classes, **config.model.overrides})
-    model_class = SingleStreamForPretraining if config.model.single_stream else ViLBERTForPretraining
-    if not config.model.bert:
-        return model_class(vil_config), frozenset()
-    bert = default_vocab() if config.model.bert == "minilm" else config.model.bert
-    model, report = model_class.from_bert(bert, vil_config)  # logs what it loaded (rank 0)
-    return model, frozenset(report.loaded)
-
-
 def check_region_targets(config: TrainConfig, num_classes: int, feature_dim: int) -> None:
     """ConfigError when the masked-region objective asked for needs what the shards lack: the
     paper's KL target needs the detector's class distributions (`cls_prob`)."""
     from vilbert.config import VISUAL_TARGET_KL
-    from vilbert.train.config import ConfigError
 
     if num_classes == 0 and config.model.overrides.get("visual_target", VISUAL_TARGET_KL) == VISUAL_TARGET_KL:
         raise ConfigError(
@@ -54,7 +37,7 @@ def check_region_targets(config: TrainConfig, num_classes: int, feature_dim: int
             f"model.overrides.v_target_size={feature_dim}")
 
 
-class PretrainingObjective:
+class PretrainingObjective(Objective):
     name = "pretraining"
     metric_names = (*LOSSES, "alignment_accuracy")
     best_metric = None  # the newest checkpoint is the model
@@ -79,10 +62,12 @@ class PretrainingObjective:
         return 0 if self.data_factory is not None else self.config.data.workers
 
     def build_model(self):
-        overrides = self.config.model.overrides
-        dims = (self.index.feature_dim, self.index.num_classes) if self.index else \
-            (overrides["v_feature_size"], overrides["v_target_size"])
-        self.model, self.loaded_parameters = build_model(self.config, *dims)
+        from vilbert.model_factory import build_model
+        from vilbert.modeling.registry import PRETRAINING
+
+        shape = {"v_feature_size": self.index.feature_dim, "v_target_size": self.index.num_classes} \
+            if self.index else {}  # a data factory (tests): model.overrides give them
+        self.model, self.loaded_parameters = build_model(self.config.model, PRETRAINING, shape)
         return self.model
 
     def _loader(self, data_config, *, train: bool, seed_offset: int, rank: int, world_size: int):

@@ -190,6 +190,18 @@ def prepare(config: TrainConfig, start: Start, overwrite: bool) -> None:
         log.warning("a new MLflow run starts at step %d: the run's MLflow run holds the steps after it", start.step)
 
 
+def write_model_files(config: TrainConfig, model, layout: dict) -> None:
+    """Rank 0 only: what a resume, an export and `vilbert evaluate` read back besides the
+    checkpoints: the run's config, the model's class and config, the checkpoints' layout."""
+    checkpoints = config.checkpoint_dir
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    config.save(Path(config.output_dir) / "config.yaml")
+    config.save(checkpoints / "config.yaml")
+    model.config.to_json_file(checkpoints / checkpoint.MODEL_CONFIG, use_diff=False)
+    (checkpoints / LAYOUT_FILE).write_text(json.dumps(layout))
+    (checkpoints / checkpoint.MODEL_CLASS).write_text(type(model).__name__)
+
+
 def _flat(tree, prefix: str = "") -> dict[str, str]:
     """{"optim.lr": "0.0001", ...} of a config tree, values as JSON (so a tuple equals its YAML list)."""
     if isinstance(tree, dict) and tree:

@@ -23,9 +23,26 @@ import logging
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from vilbert.train.config import TrackingConfig
+from vilbert.config_schema import non_negative, positive
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True  # MLflow; metrics.jsonl is written regardless
+    uri: str = ""  # default: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/../mlflow.db
+    experiment: str = "vilbert-pretraining"
+    run_name: str = ""  # default: the output directory's name
+    log_every: int = positive(10)
+    system_metrics: bool = True
+    new_run: bool = False  # a resumed run continues its MLflow run; true: start a new one
+    retry_s: float = non_negative(60.0)  # while MLflow is down, how often a commit tries again (a try may wait 10 s)
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Whether step `step` logs its metrics (an evaluation step logs too)."""
+        return step % self.log_every == 0 or step == last_step
 
 log = logging.getLogger(__name__)
 

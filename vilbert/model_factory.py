@@ -1,0 +1,91 @@
+"""The `model:` section and the one place a run's model is built from it.
+
+    model.arch     which model (vilbert.modeling.registry: vilbert | single_stream)
+    model.preset   its size (vilbert.config.PRESETS), changed field by field in model.overrides
+    model.bert     the BERT its text stream starts from (vilbert.bert_source: a directory,
+                   `minilm`, or a Hugging Face name); empty: everything starts fresh
+    model.init     fine-tuning: the pretrained model whose encoder it starts from
+
+Pretraining builds the pretraining heads, fine-tuning the task heads; both call `build_model`,
+and so does nothing else (checkpoint export and `convert-official` take their classes from
+the same registry).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from vilbert.config_schema import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vilbert"  # vilbert.modeling.registry.ARCHITECTURES: vilbert | single_stream
+    preset: str = "small"
+    bert: str | None = None  # the text stream's BERT: a directory, "minilm" (packaged), or a Hugging Face name
+    init: str = ""  # fine-tuning: a pretrained model directory (save_pretrained, convert-official); empty: none
+    single_stream: bool | None = None  # deprecated: model.arch=single_stream
+    overrides: dict[str, Any] = field(default_factory=dict)  # any ViLBERTConfig field
+
+    def __post_init__(self):
+        if self.single_stream is not None:  # the old spelling: still read, with a warning
+            warnings.warn("model.single_stream is deprecated: write model.arch=single_stream (or vilbert)",
+                          DeprecationWarning, stacklevel=2)
+            self.arch, self.single_stream = ("single_stream" if self.single_stream else "vilbert"), None
+
+
+def check_model_config(model: ModelConfig) -> None:
+    """ConfigError for a preset, arch or override that does not exist (before anything is built)."""
+    import difflib
+
+    from vilbert.config import PRESETS, ViLBERTConfig
+
+    if model.preset not in PRESETS:
+        raise ConfigError(f"model.preset={model.preset!r} is not a preset; choose from {sorted(PRESETS)}")
+    from vilbert.modeling.registry import ARCHITECTURES
+
+    if model.arch not in ARCHITECTURES:
+        raise ConfigError(f"model.arch={model.arch!r} is not a model; choose from {sorted(ARCHITECTURES)}")
+    fields = list(ViLBERTConfig.__annotations__)  # its own fields, not PretrainedConfig's
+    for name in model.overrides:
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=3)
+            raise ConfigError(f"model.overrides.{name} is not a ViLBERTConfig field" +
+                              (f"; did you mean {', '.join(close)}?" if close else " (see vilbert/config.py)"))
+
+
+def build_model(model: ModelConfig, heads: str, data_fields: dict[str, int], overrides: dict[str, Any] | None = None):
+    """The model of `model.arch` with `heads` ("pretraining" or "tasks"), and the state-dict
+    names loaded into it (from model.init's encoder or model.bert's text stream: they train
+    at optim.lr, the rest at optim.fresh_lr).
+
+    `data_fields` are what the shards fix (v_feature_size, v_target_size); `overrides` what
+    the task asks for (e.g. its number of answers); model.overrides win over both."""
+    from vilbert.bert_source import resolve_bert
+    from vilbert.config import ViLBERTConfig
+    from vilbert.convert import from_bert, load_encoder
+    from vilbert.modeling.registry import PRETRAINING, model_class
+
+    cls = model_class(model.arch, heads)
+    if model.init:
+        if heads == PRETRAINING:
+            raise ValueError("model.init (a pretrained model to start from) is for fine-tuning; pretraining starts "
+                             "from model.bert")
+        overrides = {**(overrides or {}), **model.overrides}
+        config = ViLBERTConfig.from_pretrained(model.init, **overrides)
+        for name, value in data_fields.items():
+            if getattr(config, name) != value:
+                raise ValueError(f"model.init={model.init} does not fit the shards' region features: its {name} is "
+                                 f"{getattr(config, name)}, theirs {value}")
+        built = cls(config)
+        return built, load_encoder(built, model.init)
+    config = ViLBERTConfig.from_preset(model.preset, **{**data_fields, **(overrides or {}), **model.overrides})
+    if not model.bert:
+        return cls(config), frozenset()
+    built, report = from_bert(cls, resolve_bert(model.bert), config)  # logs what it loaded (rank 0)
+    return built, frozenset(report.loaded)
