@@ -6,6 +6,8 @@ import argparse
 import shlex
 import sys
 
+from vilbert.launch.submit import BACKENDS, ClusterOptions, backend, sbatch_script, submit
+
 MANAGE = ("status", "tail", "cancel")
 
 DESCRIPTION = """\
@@ -52,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", help="a vilbert command that trains or evaluates (e.g. pretrain), or "
                                         "status / tail / cancel JOB")
     where = parser.add_argument_group("where and how big")
-    where.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm",
-                       help="submitit executor: slurm (sbatch), local (the tasks as processes here, no SLURM), "
-                            "debug (in this process) [slurm]")
+    where.add_argument("--cluster", choices=list(BACKENDS), default="slurm",
+                       help="submitit executor: " + ", ".join(f"{name} ({b.help})" for name, b in BACKENDS.items())
+                            + " [slurm]")
     where.add_argument("--nodes", type=int, default=1, help="nodes [1]")
     where.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one task each [0: CPU nodes]")
     where.add_argument("--tasks-per-node", type=int, default=1, help="tasks per node on CPU nodes [1]")
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "SLURM's own export)")
     job.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     job.add_argument("--wait", action="store_true",
-                     help="wait for the job to end (always for --cluster local and debug)")
+                     help="wait for the job to end (always where jobs are not queued: --cluster local, debug)")
     return parser
 
 
@@ -112,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(own)
 
     from vilbert.cli import launchable_commands, parse_args
-    from vilbert.launch.submit import ClusterOptions, sbatch_script, submit
 
     commands = launchable_commands()
     if args.command not in commands:
@@ -130,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"launch/slurm.py: not submitted: {e}", file=sys.stderr)
             return 2
     line = "vilbert " + " ".join(shlex.quote(a) for a in command_argv)
-    if args.dry_run and args.cluster != "slurm":
-        parser.error("--dry-run shows the sbatch script: --cluster slurm only")
+    where = backend(args.cluster)
+    if args.dry_run and not where.script:
+        parser.error(f"--dry-run shows the script a job is submitted with: --cluster {args.cluster} has none")
     try:
         if args.dry_run:
             print(sbatch_script(options))
@@ -143,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     tasks = f"{options.nodes} node(s) x {options.tasks} task(s)"
     print(f"submitted job {job.job_id} ({args.cluster}, {tasks}): {line}")
     print(f"  logs:   {job.paths.stderr} (rank 0)")
-    if args.cluster == "slurm":
+    if where.queued:
         print(f"  follow: python launch/slurm.py tail {job.job_id} --log-dir {args.log_dir}\n"
               f"  status: python launch/slurm.py status {job.job_id} --log-dir {args.log_dir}\n"
               f"  cancel: python launch/slurm.py cancel {job.job_id}")
-    if args.wait or args.cluster != "slurm":
+    if args.wait or not where.queued:
         try:
             job.results()
         except Exception as e:  # submitit raises with the task's traceback

@@ -1,4 +1,5 @@
-"""From cluster options to a submitted job: submitit's executors and the sbatch script.
+"""From cluster options to a submitted job: submitit's executors (one table, `BACKENDS`) and
+the sbatch script.
 
 `--cluster slurm` uses submitit's SlurmExecutor (one task per GPU, or `--tasks-per-node` on
 CPU nodes; the pre-timeout USR2 signal; `--requeue`), `local` its LocalExecutor (the tasks
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,22 +122,53 @@ class _ScriptOnlyExecutor(submitit.SlurmExecutor):
         return 1
 
 
-def build_executor(options: ClusterOptions, dry_run: bool = False):
-    if options.cluster == "slurm":
-        executor_class = _ScriptOnlyExecutor if dry_run else submitit.SlurmExecutor
-        executor = executor_class(folder=options.folder, max_num_timeout=options.max_requeues)
-        executor.update_parameters(**slurm_parameters(options))
-    elif options.cluster == "local":
-        if options.nodes != 1:
-            raise ValueError("--cluster local runs on this machine: --nodes must be 1")
-        executor = submitit.LocalExecutor(folder=options.folder, max_num_timeout=options.max_requeues)
-        executor.update_parameters(tasks_per_node=options.tasks, gpus_per_node=options.gpus_per_node,
-                                   timeout_min=minutes(options.time), signal_delay_s=options.signal_delay)
-    elif options.cluster == "debug":
-        executor = submitit.DebugExecutor(folder=options.folder)
-    else:
-        raise ValueError(f"--cluster {options.cluster!r}: slurm, local or debug")
+def _slurm_executor(options: ClusterOptions, dry_run: bool):
+    executor_class = _ScriptOnlyExecutor if dry_run else submitit.SlurmExecutor
+    executor = executor_class(folder=options.folder, max_num_timeout=options.max_requeues)
+    executor.update_parameters(**slurm_parameters(options))
     return executor
+
+
+def _local_executor(options: ClusterOptions, dry_run: bool):
+    if options.nodes != 1:
+        raise ValueError("--cluster local runs on this machine: --nodes must be 1")
+    executor = submitit.LocalExecutor(folder=options.folder, max_num_timeout=options.max_requeues)
+    executor.update_parameters(tasks_per_node=options.tasks, gpus_per_node=options.gpus_per_node,
+                               timeout_min=minutes(options.time), signal_delay_s=options.signal_delay)
+    return executor
+
+
+def _debug_executor(options: ClusterOptions, dry_run: bool):
+    return submitit.DebugExecutor(folder=options.folder)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where `--cluster NAME` sends a job. Every task of every backend runs `VilbertJob`,
+    which exports the rendezvous variables (RANK, WORLD_SIZE, ...) that the training reads
+    (vilbert.train.distributed), so a backend is only how its tasks are started."""
+
+    help: str
+    executor: Callable[[ClusterOptions, bool], submitit.Executor]  # (options, dry_run) -> a submitit executor
+    queued: bool = False  # jobs wait in a scheduler's queue: status/tail/cancel apply, and submitting does not wait
+    script: bool = False  # --dry-run prints the script it would submit
+
+
+BACKENDS: dict[str, Backend] = {  # a new backend (e.g. a Kubernetes or Ray executor of submitit's API) is one entry
+    "slurm": Backend("sbatch on a SLURM cluster", _slurm_executor, queued=True, script=True),
+    "local": Backend("the tasks as processes on this machine, no SLURM", _local_executor),
+    "debug": Backend("in this process", _debug_executor),
+}
+
+
+def backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"--cluster {name!r}: one of {', '.join(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def build_executor(options: ClusterOptions, dry_run: bool = False):
+    return backend(options.cluster).executor(options, dry_run)
 
 
 def sbatch_script(options: ClusterOptions) -> str:
