@@ -1,5 +1,5 @@
 """Seeded shard corruption at scale: damage a small valid shard set in thousands of ways
-(tests/shard_fuzz.py: byte flips, truncations, tar-header and sample-header edits, payload
+(tests/support/shard_fuzz.py: byte flips, truncations, tar-header and sample-header edits, payload
 edits) and, for each, run `shards check` and 12 batches of the training stream. Prints the
 outcome classes and fails on any case where `check` missed damage that changed the data, the
 stream crashed with anything but a named data error, or hung.
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests/support"))
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bar per checked case
 
 from helpers import _caption_tokenizer, write_sample_shards  # noqa: E402

@@ -1,5 +1,14 @@
+"""Fixtures of every test. Tests are laid out by kind: unit/ (one process, no DeepSpeed
+engine), integration/ (runs through DeepSpeed, several processes, SLURM, end to end) and
+support/ (helpers and the scripts the integration tests start)."""
+
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "support"))  # `from helpers import ...` in every test
 
 from vilbert import ViLBERTConfig
 

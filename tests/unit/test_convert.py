@@ -12,7 +12,7 @@ from vilbert.cli import main as cli_main
 from vilbert.convert import convert_official, from_bert, load_state_into
 from vilbert.losses import IGNORE_INDEX
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 TOLERANCE = 1e-5
 
 

@@ -1,18 +1,32 @@
-"""The streaming pipeline: splitting, resampling, masking, negatives, bad samples, batches."""
+"""The streaming pipeline: tokenising, masking, batches, negatives, ranks and workers, and
+what it does with damaged data (named, counted, or a stop; never a hang)."""
 
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from helpers import write_sample_shards
+from helpers import _caption_tokenizer, write_sample_shards
+from shard_fuzz import KINDS, assert_sound, run_case, summarise
+from shards.check import check_shards
+from shards.writer import TarShard
 from vilbert import ViLBERTConfig, ViLBERTForPretraining
-from vilbert.data import Collator, DataConfig, ShardStream, TooManyBadSamples, build_loader, load_tokenizer
-from vilbert.data.pipeline import ShardLoader, resolve_shards
-from vilbert.data.sample_codec import decode_sample
-from vilbert.data.tar_reader import read_shard
+from vilbert.data import (
+    Collator,
+    DataConfig,
+    EmptyStream,
+    ShardIndex,
+    ShardStream,
+    TooManyBadSamples,
+    build_loader,
+    load_tokenizer,
+)
+from vilbert.data.pipeline import BadSampleGuard, DataHealth, ShardLoader, resolve_shards
+from vilbert.data.sample_codec import decode_sample, encode_sample
+from vilbert.data.tar_reader import read_checked_samples, read_shard
 from vilbert.data.tokenizer import CaptionTokenizer
 from vilbert.losses import IGNORE_INDEX
 
@@ -198,3 +212,101 @@ def test_shards_streamed_through_a_command_with_a_local_index(tmp_path):
                                             workers=0), train=False)
     keys = [key for batch in loader for key in batch.keys]
     assert sorted(keys) == [f"img{i:04d}" for i in range(20)] and index.feature_dim == 24
+
+
+FUZZ_CASES = 300  # a few thousand: benchmarks/shard_fuzz.py
+
+
+def _collator(index):
+    return Collator(_caption_tokenizer(), max_regions=index.max_regions, num_classes=index.num_classes,
+                    class_topk=index.class_topk)
+
+
+def _sample(**changes):
+    rng = np.random.default_rng(0)
+    arrays = {"features": rng.normal(size=(3, 8)).astype(np.float16),
+              "boxes": np.array([[0, 0, 10, 10], [5, 5, 50, 40], [90, 70, 100, 80]], np.float32),
+              "cls_index": np.array([[0, 1], [2, 3], [4, 0]], np.uint16),
+              "cls_prob": np.full((3, 2), 0.4, np.float16)}
+    arrays.update(changes)
+    return encode_sample("k", "k", ["a caption"], 100, 80, arrays)
+
+
+# --- the stream: accounting and no hangs ------------------------------------------------------
+def test_a_few_early_bad_samples_do_not_stop_a_healthy_run_but_mostly_bad_data_does():
+    guard = BadSampleGuard(0.01, DataHealth(1), 0)
+    for i in range(50):  # clustered at the start: a 0.5% rate over the window
+        guard.record("shard-0.tar", f"bad{i}", "NaN")
+    for _ in range(20_000):
+        guard.good()
+    guard = BadSampleGuard(0.01, DataHealth(1), 0)
+    with pytest.raises(Exception, match="bad or lost") as stopped:
+        for i in range(1000):
+            guard.good() if i % 3 == 0 else guard.record("shard-0.tar", f"bad{i}", "NaN")
+    assert guard.bad == 101  # stopped at the 101st bad sample (of about 150 seen), not after 10,000
+    assert "shard-0.tar" in str(stopped.value)
+
+
+def test_a_truncated_shard_counts_every_sample_it_lost(tmp_path):
+    directory = write_sample_shards(tmp_path / "set", n_shards=2, per_shard=10)
+    shard = directory / "shard-000001.tar"
+    good = sum(1 for _ in read_checked_samples(str(shard)))
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 3])
+    kept = sum(1 for _, s, _ in read_checked_samples(str(shard)) if s is not None)
+    loader, _ = build_loader(DataConfig(shards=str(directory), batch_size=4, workers=0), train=False)
+    keys = [k for batch in loader for k in batch.keys]
+    counts = loader.health.totals()
+    assert len(keys) == 10 + kept and counts == {"samples": 10 + kept, "bad": 0, "lost": good - kept}
+    _, problems = check_shards(str(directory))
+    assert any(f"index says 10 samples, shard has {kept} ({10 - kept} lost)" in str(p) for p in problems)
+    assert any("truncated" in str(p) for p in problems)
+
+
+def _empty_and_unreadable(directory, kind):
+    """Two shards that hold no sample: empty tars, or files that are not tars at all."""
+    from vilbert.data.shard_index import ShardInfo
+    directory.mkdir()
+    names = ["shard-000000.tar", "shard-000001.tar"]
+    for name in names:
+        if kind == "empty":
+            TarShard(directory / name).close()
+        else:
+            (directory / name).write_bytes(b"garbage" * 100)
+    ShardIndex(shards=[ShardInfo(n, 0 if kind == "empty" else 5) for n in names], feature_dim=8, num_classes=5,
+               class_topk=3).write(directory)
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["empty", "unreadable"])
+@pytest.mark.parametrize("train", [True, False])
+def test_a_stream_with_nothing_to_give_stops_with_a_named_error(tmp_path, kind, train):
+    directory = _empty_and_unreadable(tmp_path / kind, kind)
+    loader, _ = build_loader(DataConfig(shards=str(directory), batch_size=4, workers=1), train=train)
+    with pytest.raises(EmptyStream, match=str(directory)):
+        next(iter(loader))
+
+
+def test_a_rank_without_shards_of_a_split_is_not_an_error_but_an_empty_split_is(tmp_path):
+    import torch
+
+    from vilbert.train.finetuning import predict
+
+    directory = write_sample_shards(tmp_path / "one", n_shards=1, per_shard=5)
+    config = DataConfig(shards=str(directory), batch_size=4, workers=0)
+    assert list(build_loader(config, train=False, rank=1, world_size=2)[0]) == []  # rank 0 reads the one shard
+    with pytest.raises(EmptyStream, match="gave no example to evaluate on any rank"):
+        predict(torch.nn.Linear(1, 1), [], SimpleNamespace(name="vqa"), torch.float32, "cpu", source=str(directory))
+
+
+# --- the fuzz test ---------------------------------------------------------------------------
+def test_seeded_corruptions_are_named_counted_or_stopped(tmp_path, capsys):
+    directory = write_sample_shards(tmp_path / "set", n_shards=2, per_shard=6)
+    original = {p.name: p.read_bytes() for p in directory.glob("*.tar")}
+    collator, rng, cases = _collator(ShardIndex.read(directory)), random.Random(0), []
+    for _ in range(FUZZ_CASES):
+        case = run_case(directory, original, rng, collator)
+        assert_sound(case)
+        cases.append(case)
+    assert {c.kind for c in cases} == set(KINDS)
+    with capsys.disabled():
+        print("\n" + summarise(cases))

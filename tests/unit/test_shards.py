@@ -2,16 +2,20 @@
 
 import base64
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from helpers import ENV, ROOT, _caption_tokenizer
 from shards.build import ShardOptions, write_shard_sets
 from shards.cli import main as shards_main
 from shards.sources import FeatureFolderSource, read_captions, select_boxes
 from shards.toyworld import write_toyworld
-from vilbert.data.sample_codec import decode_sample
-from vilbert.data.shard_index import ShardIndex
+from vilbert.data import Collator, ShardIndex
+from vilbert.data.sample_codec import decode_sample, encode_sample
 from vilbert.data.tar_reader import read_shard
 
 
@@ -113,3 +117,104 @@ def test_fraction_selection_is_reproducible_and_nested(tmp_path):
 
 def test_check_reports_every_kind_of_bad_sample(tmp_path, corrupt_shards):
     assert shards_main(["check", str(corrupt_shards)]) == 1
+
+
+FUZZ_CASES = 300  # a few thousand: benchmarks/shard_fuzz.py
+
+
+def _collator(index):
+    return Collator(_caption_tokenizer(), max_regions=index.max_regions, num_classes=index.num_classes,
+                    class_topk=index.class_topk)
+
+
+def _sample(**changes):
+    rng = np.random.default_rng(0)
+    arrays = {"features": rng.normal(size=(3, 8)).astype(np.float16),
+              "boxes": np.array([[0, 0, 10, 10], [5, 5, 50, 40], [90, 70, 100, 80]], np.float32),
+              "cls_index": np.array([[0, 1], [2, 3], [4, 0]], np.uint16),
+              "cls_prob": np.full((3, 2), 0.4, np.float16)}
+    arrays.update(changes)
+    return encode_sample("k", "k", ["a caption"], 100, 80, arrays)
+
+
+# --- writers ----------------------------------------------------------------------------------
+def _features(directory, n=4, dim=8):
+    directory.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        np.savez(directory / f"img{i}.npz", features=rng.normal(size=(3, dim)), image_w=100, image_h=80,
+                 boxes=np.array([[0, 0, 10, 10], [5, 5, 50, 40], [60, 30, 99, 79]], np.float32))
+    return directory
+
+
+def _write(tmp_path, *extra):
+    return subprocess.run([sys.executable, "-m", "shards", "write", "--features-dir", str(tmp_path / "features"),
+                           "--captions", str(tmp_path / "captions.json"), "--out", str(tmp_path / "out"),
+                           "--keep-boxes", "1", "36", *extra], capture_output=True, text=True, env=ENV, cwd=ROOT)
+
+
+def test_a_failed_write_leaves_nothing_that_looks_complete(tmp_path):
+    features = _features(tmp_path / "features")
+    (tmp_path / "captions.json").write_text(json.dumps({f"img{i}": f"caption {i}" for i in range(4)}))
+    np.savez(features / "img2.npz", features=np.full((3, 8), np.nan), image_w=100, image_h=80, boxes=np.ones((3, 4)))
+    done = _write(tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1].startswith("python -m shards write: error: image img2: NaN or inf in "
+                                                   "features"), done.stderr
+    assert not (tmp_path / "out" / "train").exists() and not list((tmp_path / "out").glob(".*partial*"))
+
+    done = _write(tmp_path, "--lenient")
+    assert done.returncode == 0 and "1 inputs skipped" in done.stderr and "img2" in done.stderr
+    assert ShardIndex.read(tmp_path / "out" / "train").num_samples == 3
+
+
+def test_a_killed_writers_partial_set_is_removed_by_the_next_write(tmp_path, caplog):
+    from vilbert.staging import StagedDirectory
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".train.partial-{dead.stdout.strip()}"  # what SIGKILL mid-write leaves behind
+    (stale / "x").mkdir(parents=True)
+    live = tmp_path / f".train.partial-{os.getppid()}"  # a writer still at work: named, left alone
+    live.mkdir()
+    with StagedDirectory(tmp_path / "train") as staged:
+        (staged.path / "shard.tar").write_text("x")
+    assert not stale.exists() and live.exists() and (tmp_path / "train/shard.tar").exists()
+    assert f"removing {stale}" in caplog.text and f"process {os.getppid()}" in caplog.text
+
+
+def test_check_of_a_set_without_shards_fails(tmp_path):
+    ShardIndex(shards=[], feature_dim=8, num_classes=5, class_topk=3, max_regions=6, source="test").write(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "shards", "check", str(tmp_path)], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT)
+    assert done.returncode == 1 and "holds no shards" in done.stdout, done.stdout + done.stderr
+
+
+def test_wrong_but_parsing_inputs_are_errors_and_writing_nothing_fails(tmp_path):
+    _features(tmp_path / "features")
+    (tmp_path / "captions.json").write_text(json.dumps({"img0": "a", "img1": "b", "img2": "c", "img3": "d",
+                                                        "img99": "no such image"}))
+    done = _write(tmp_path)
+    assert done.returncode == 1 and "image img99" in done.stderr and "--lenient" in done.stderr
+    (tmp_path / "captions.json").write_text(json.dumps({"other": "caption"}))
+    done = _write(tmp_path, "--lenient")
+    assert done.returncode == 1 and "nothing written" in done.stderr
+    (tmp_path / "captions.jsonl").write_text('{"image_id": "img0", "caption": "a"}\n{not json\n')
+    done = subprocess.run([sys.executable, "-m", "shards", "write", "--features-dir", str(tmp_path / "features"),
+                           "--captions", str(tmp_path / "captions.jsonl"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert done.returncode == 1 and "captions.jsonl:2: not JSON" in done.stderr
+
+
+def test_a_tsv_line_that_disagrees_with_num_boxes_is_named(tmp_path):
+    import base64
+
+    from shards.sources import InputError, TsvSource
+
+    def b64(a):
+        return base64.b64encode(np.asarray(a, np.float32).tobytes()).decode()
+
+    line = ["img7", "100", "80", "3", b64(np.ones((2, 4))), b64(np.ones((3, 8)))]
+    (tmp_path / "f.tsv").write_text("\t".join(["img6", "100", "80", "1", b64(np.ones((1, 4))), b64(np.ones((1, 8)))])
+                                    + "\n" + "\t".join(line) + "\n")
+    with pytest.raises(InputError, match=r"f.tsv:2: image img7: boxes: 8 float32 values do not make 3 rows"):
+        TsvSource([tmp_path / "f.tsv"]).load("img7")

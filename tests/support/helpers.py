@@ -9,7 +9,7 @@ import yaml
 
 from vilbert import ViLBERTConfig
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}  # for the training subprocesses
 
 
@@ -114,3 +114,11 @@ def synthetic_batch(batch_id: int, size: int, feature_dim: int, num_classes: int
                             cls_prob=np.full((n, 3), 0.3, np.float16)))
     collator = Collator(_caption_tokenizer(), max_regions=6, num_classes=num_classes, class_topk=3, seed=batch_id)
     return collator(samples)
+
+
+def flip_bytes(path):
+    """Damage a file without changing its size: 64 bytes flipped, so only its digest sees it."""
+    data = bytearray(path.read_bytes())
+    for i in range(0, min(len(data), 64)):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))

@@ -22,7 +22,7 @@ BF16_LOSS_TOLERANCE = 0.02  # relative, per logged step, bf16 against fp32 on th
 @pytest.fixture(scope="module")
 def engine_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("engine") / "out.json"
-    subprocess.run([sys.executable, str(ROOT / "tests" / "engine_step.py"), str(out)], check=True, env=ENV,
+    subprocess.run([sys.executable, str(ROOT / "tests/support/engine_step.py"), str(out)], check=True, env=ENV,
                    cwd=out.parent, capture_output=True)
     return json.loads(out.read_text())
 

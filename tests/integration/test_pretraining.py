@@ -1,5 +1,5 @@
-"""The training engine: config, DeepSpeed ZeRO equivalence, checkpoints and resume, export,
-MLflow. The DeepSpeed runs happen in subprocesses (each its own process group)."""
+"""Pretraining runs under DeepSpeed: ZeRO stages across world sizes, kill/resume/export with
+MLflow, launchers, lost ranks, the probes, and a run on damaged shards."""
 
 import contextlib
 import json
@@ -10,56 +10,40 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import yaml
 
-from helpers import ENV, ROOT, train_config
+from helpers import ENV, ROOT, _caption_tokenizer, train_config, write_sample_shards
+from vilbert.data import Collator
+from vilbert.data.sample_codec import encode_sample
 from vilbert.train import checkpoint
-from vilbert.train.config import deepspeed_config, load_config
 from vilbert.train.tracking import read_metrics
 
 LOSS_TOLERANCE = 1e-5  # relative, per step: fp32 all-reduce order differs between 1 and 2 ranks
 
 
-# --- configuration ------------------------------------------------------------------------
-def test_yaml_and_dotted_overrides(tmp_path):
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"optim": {"lr": 2e-4, "steps": 10}, "data": {"batch_size": 8}}))
-    config = load_config(tmp_path / "c.yaml", ["optim.lr=5e-5", "model.overrides.v_hidden_size=64",
-                                               "deepspeed=deepspeed_configs/zero3_fp16.json"])
-    assert config.optim.lr == 5e-5 and config.optim.steps == 10 and config.data.batch_size == 8
-    assert config.model.overrides == {"v_hidden_size": 64} and config.deepspeed.endswith("zero3_fp16.json")
-    with pytest.raises(ValueError, match="optim.learning_rate"):
-        load_config(None, ["optim.learning_rate=1"])
-    config.save(tmp_path / "saved.yaml")
-    assert load_config(tmp_path / "saved.yaml") == config
-    emptied = load_config(ROOT / "configs/toy_vqa.yaml", ["model.init=", "eval.shards="])  # the README's baseline
-    assert emptied.model.init == "" and emptied.eval.shards == ""
+FUZZ_CASES = 300  # a few thousand: benchmarks/shard_fuzz.py
 
 
-def test_batch_sizes_are_reconciled_with_the_world_size():
-    config = load_config(None, ["optim.global_batch_size=512", "data.batch_size=32", "deepspeed="
-                                + str(ROOT / "deepspeed_configs/zero2_bf16.json")])
-    ds = deepspeed_config(config, world_size=8)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
-        (512, 32, 2)
-    with pytest.raises(ValueError, match="not a multiple"):
-        deepspeed_config(config, world_size=3)
+def _collator(index):
+    return Collator(_caption_tokenizer(), max_regions=index.max_regions, num_classes=index.num_classes,
+                    class_topk=index.class_topk)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "deepspeed_configs").glob("*.json")), ids=lambda p: p.stem)
-def test_deepspeed_configs(path):
-    ds = json.loads(path.read_text())
-    stage, precision = path.stem.split("_")[0], path.stem.split("_")[-1]
-    assert ds["zero_optimization"]["stage"] == int(stage[-1])
-    assert "gradient_clipping" in ds
-    assert ds.get("bf16", {}).get("enabled", False) == (precision == "bf16")
-    assert ds.get("fp16", {}).get("enabled", False) == (precision == "fp16")
-    assert ("offload_optimizer" in ds["zero_optimization"]) == ("offload" in path.stem)
+def _sample(**changes):
+    rng = np.random.default_rng(0)
+    arrays = {"features": rng.normal(size=(3, 8)).astype(np.float16),
+              "boxes": np.array([[0, 0, 10, 10], [5, 5, 50, 40], [90, 70, 100, 80]], np.float32),
+              "cls_index": np.array([[0, 1], [2, 3], [4, 0]], np.uint16),
+              "cls_prob": np.full((3, 2), 0.4, np.float16)}
+    arrays.update(changes)
+    return encode_sample("k", "k", ["a caption"], 100, 80, arrays)
 
 
 # --- DeepSpeed runs ---------------------------------------------------------------------------
 def test_zero_stages_with_two_ranks_match_one_rank(tmp_path):
-    script = str(ROOT / "tests" / "zero_equivalence.py")
+    script = str(ROOT / "tests/support/zero_equivalence.py")
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     subprocess.run([sys.executable, script, str(tmp_path / "one" / "out.json")], check=True, env=ENV, cwd=tmp_path)
@@ -227,3 +211,28 @@ def test_a_hung_or_killed_rank_ends_the_job_with_a_line_naming_it(tmp_path, toy_
     assert ("not heard from for" if fault == "hung" else "has exited") in stderr
     assert "Traceback" not in stderr.split(named)[0].splitlines()[-1]  # the line itself is not a traceback
     assert checkpoint.complete_tags(tmp_path / "run/checkpoints")  # the last checkpoint stands: resume from it
+
+
+# --- a real run -----------------------------------------------------------------------------------
+def test_a_run_on_damaged_shards_counts_them_and_a_run_on_nothing_stops(tmp_path):
+    from vilbert.train.tracking import read_metrics
+
+    damaged = tmp_path / "world"
+    write_sample_shards(damaged / "train", n_shards=4, per_shard=25, feature_dim=32, num_classes=7)
+    write_sample_shards(damaged / "val", n_shards=1, per_shard=20, feature_dim=32, num_classes=7, seed=1)
+    shard = damaged / "train" / "shard-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 3])
+    config = train_config(tmp_path, damaged, data={"workers": 1})
+    done = subprocess.run([sys.executable, "-m", "vilbert", "pretrain", "--config", str(config)], env=ENV, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = [m for m in read_metrics(tmp_path / "run") if "data/lost_samples" in m]
+    assert logged and logged[-1]["data/lost_samples"] > 1 and "lost in damaged shards" in done.stderr
+
+    for path in (damaged / "train").glob("*.tar"):
+        path.write_bytes(b"\0" * 100)
+    done = subprocess.run([sys.executable, "-m", "vilbert", "pretrain", "--config", str(config), "--overwrite"],
+                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "vilbert pretrain: error:" in done.stderr and str(damaged / "train") in done.stderr
+    assert yaml.safe_load(config.read_text())  # the config itself was fine
