@@ -1,7 +1,10 @@
 # The README's commands and what they need.
 PY ?= python3
 PIP := $(PY) -m pip install -q
-TOY := runs/toyworld
+TOY ?= runs/toyworld
+TOY_IMAGES ?= 20000
+TOY_VAL_IMAGES ?= 1000
+ARGS ?=  # dotted overrides for the demo's run (tests/integration/test_docs.py runs it small)
 TOYVQA := runs/toyvqa
 
 .PHONY: install demo toy-vqa toy-vqa-demo lint test bench
@@ -14,8 +17,8 @@ install:
 
 # The main job on its embedded default: toy world -> small ViLBERT on CPU -> local MLflow store.
 demo: install
-	@test -f $(TOY)/train/index.json || $(PY) -m shards toyworld --out $(TOY) --images 20000 --val-images 1000 --feature-dim 256
-	$(PY) -m vilbert pretrain --config configs/toy.yaml --overwrite
+	@test -f $(TOY)/train/index.json || $(PY) -m shards toyworld --out $(TOY) --images $(TOY_IMAGES) --val-images $(TOY_VAL_IMAGES) --feature-dim 256
+	$(PY) -m vilbert pretrain --config configs/toy.yaml --overwrite $(ARGS)
 
 # Toy-world VQA shards (new images of the same world), then fine-tune the demo's pretrained
 # model (runs/toy/model: run `make demo` first) on them and evaluate the best checkpoint.

@@ -50,8 +50,8 @@ LATENT_DIM = 64
 
 @dataclass(frozen=True)
 class WorldOptions:
-    """What the world holds. The defaults are the toy-transfer recipe (README "Toy-world
-    transfer"), found by measuring: a world small enough that a CPU run of a few thousand
+    """What the world holds. The defaults are the toy-transfer recipe (docs/toy-transfer.md),
+    found by measuring: a world small enough that a CPU run of a few thousand
     image-caption pairs per word sees each word with each region often, and one whose captions
     never name the setting, so alignment can only be learnt from the objects."""
     classes: int = 12  # the first N of CLASSES (48 before the recipe)

@@ -12,31 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ENV, ROOT, flip_bytes, train_config
+from helpers import ENV, ROOT, flip_bytes, latest_tag, train_config
 from vilbert.train import checkpoint
 from vilbert.train.tracking import read_metrics
-
-
-class _Engine:
-    """Writes checkpoint files as DeepSpeed would; `fail_after` files it dies (a crash mid-save)."""
-
-    def __init__(self, fail_after=None):
-        self.fail_after = fail_after
-
-    def save_checkpoint(self, directory, tag, client_state, save_latest):
-        for i in range(3):
-            if self.fail_after is not None and i == self.fail_after:
-                raise KeyboardInterrupt("killed during save")
-            (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
-            (Path(directory) / tag / f"part{i}.pt").write_text(json.dumps(client_state))
-
-
-def _save(directory, step, keep_last=2):
-    return checkpoint.save(_Engine(), directory, {"step": step}, keep_last=keep_last, is_main=True)
-
-
-def _latest(directory):
-    return (directory / checkpoint.LATEST).read_text()
 
 
 # --- the same, end to end through `vilbert pretrain` -------------------------------------------
@@ -57,7 +35,7 @@ def test_rerunning_into_a_used_directory(tmp_path, toy_world):
 
     _pretrain(tmp_path / "config.yaml", "--overwrite")  # the 3-step config
     assert checkpoint.complete_tags(tmp_path / "run" / "checkpoints") == ["step00000003"]
-    assert _latest(tmp_path / "run" / "checkpoints") == "step00000003"
+    assert latest_tag(tmp_path / "run" / "checkpoints") == "step00000003"
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
     import mlflow
 

@@ -1,6 +1,7 @@
 """Helpers shared by the tests."""
 
 import functools
+import json
 import os
 from pathlib import Path
 
@@ -122,3 +123,29 @@ def flip_bytes(path):
     for i in range(0, min(len(data), 64)):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+class FakeEngine:
+    """Writes checkpoint files as DeepSpeed would; `fail_after` files it dies (a crash mid-save)."""
+
+    def __init__(self, fail_after=None):
+        self.fail_after = fail_after
+
+    def save_checkpoint(self, directory, tag, client_state, save_latest):
+        for i in range(3):
+            if self.fail_after is not None and i == self.fail_after:
+                raise KeyboardInterrupt("killed during save")
+            (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
+            (Path(directory) / tag / f"part{i}.pt").write_text(json.dumps(client_state))
+
+
+def save_fake_checkpoint(directory, step, keep_last=2):
+    from vilbert.train import checkpoint
+
+    return checkpoint.save(FakeEngine(), directory, {"step": step}, keep_last=keep_last, is_main=True)
+
+
+def latest_tag(directory):
+    from vilbert.train import checkpoint
+
+    return (Path(directory) / checkpoint.LATEST).read_text()

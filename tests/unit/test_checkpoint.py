@@ -1,35 +1,12 @@
 """Checkpoints: tags in step order, retention, `latest`, damage found before use."""
 
-import json
 from pathlib import Path
 
 import pytest
 
-from helpers import flip_bytes
+from helpers import FakeEngine, flip_bytes, latest_tag, save_fake_checkpoint
 from vilbert.train import checkpoint, run_dir
 from vilbert.train.config import load_config
-
-
-class _Engine:
-    """Writes checkpoint files as DeepSpeed would; `fail_after` files it dies (a crash mid-save)."""
-
-    def __init__(self, fail_after=None):
-        self.fail_after = fail_after
-
-    def save_checkpoint(self, directory, tag, client_state, save_latest):
-        for i in range(3):
-            if self.fail_after is not None and i == self.fail_after:
-                raise KeyboardInterrupt("killed during save")
-            (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
-            (Path(directory) / tag / f"part{i}.pt").write_text(json.dumps(client_state))
-
-
-def _save(directory, step, keep_last=2):
-    return checkpoint.save(_Engine(), directory, {"step": step}, keep_last=keep_last, is_main=True)
-
-
-def _latest(directory):
-    return (directory / checkpoint.LATEST).read_text()
 
 
 # --- checkpoints: step order, retention, latest ------------------------------------------------
@@ -46,12 +23,12 @@ def test_tags_are_ordered_by_step_number(tmp_path):
 
 def test_a_save_interrupted_midway_leaves_the_previous_checkpoint(tmp_path):
     for step in (1, 2, 3):
-        _save(tmp_path, step)
+        save_fake_checkpoint(tmp_path, step)
     assert checkpoint.complete_tags(tmp_path) == ["step00000002", "step00000003"]  # retention
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(_Engine(fail_after=2), tmp_path, {"step": 4}, keep_last=2, is_main=True)
+        checkpoint.save(FakeEngine(fail_after=2), tmp_path, {"step": 4}, keep_last=2, is_main=True)
     assert (tmp_path / "step00000004").is_dir()  # partial files are there ...
-    assert _latest(tmp_path) == "step00000003"  # ... but nothing points at them
+    assert latest_tag(tmp_path) == "step00000003"  # ... but nothing points at them
     assert checkpoint.resume_tag(tmp_path, "auto") == "step00000003"
     with pytest.raises(FileNotFoundError, match="incomplete"):
         checkpoint.resume_tag(tmp_path, "step00000004")
@@ -59,15 +36,15 @@ def test_a_save_interrupted_midway_leaves_the_previous_checkpoint(tmp_path):
 
 def test_latest_always_names_a_kept_checkpoint(tmp_path):
     for step in (1, 2, 3):
-        _save(tmp_path, step, keep_last=1)
-        assert checkpoint.complete_tags(tmp_path) == [checkpoint.tag_for(step)] == [_latest(tmp_path)]
+        save_fake_checkpoint(tmp_path, step, keep_last=1)
+        assert checkpoint.complete_tags(tmp_path) == [checkpoint.tag_for(step)] == [latest_tag(tmp_path)]
     # a stale partial save of the next step (an interrupted attempt) is replaced, not mixed with
     (tmp_path / "step00000004").mkdir()
     (tmp_path / "step00000004" / "stale_rank7.pt").write_text("old")  # from a larger world size
-    _save(tmp_path, 4, keep_last=2)
+    save_fake_checkpoint(tmp_path, 4, keep_last=2)
     assert not (tmp_path / "step00000004" / "stale_rank7.pt").exists()
     assert checkpoint.complete_tags(tmp_path) == ["step00000003", "step00000004"]
-    assert (tmp_path / _latest(tmp_path)).is_dir()
+    assert (tmp_path / latest_tag(tmp_path)).is_dir()
 
 
 # --- damaged checkpoints: verified before use, the newest sound one resumed -------------------------
@@ -84,7 +61,7 @@ def _zero_fill(path):
 def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_sound_one(tmp_path, harm, why):
     config = load_config(None, [f"output_dir={tmp_path / 'run'}"])
     for step in (10, 20, 30):
-        _save(config.checkpoint_dir, step, keep_last=5)
+        save_fake_checkpoint(config.checkpoint_dir, step, keep_last=5)
     harm(config.checkpoint_dir / "step00000030" / "part1.pt")
     start = run_dir.plan(config, "auto", False)
     assert (start.tag, start.branched) == ("step00000020", True)
@@ -92,7 +69,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_sound_one(tmp_path
     run_dir.prepare(config, start, overwrite=False)
     assert checkpoint.complete_tags(config.checkpoint_dir) == ["step00000010", "step00000020"]
     assert (config.checkpoint_dir / checkpoint.DAMAGED / "step00000030" / "part0.pt").exists()  # kept for a look
-    assert _latest(config.checkpoint_dir) == "step00000020"
+    assert latest_tag(config.checkpoint_dir) == "step00000020"
     with pytest.raises(checkpoint.DamagedCheckpoint, match="step00000010 .* is damaged: part0.pt is missing"):
         (config.checkpoint_dir / "step00000010" / "part0.pt").unlink()
         checkpoint.resume_from(config.checkpoint_dir, "step00000010")  # named: no fallback
@@ -100,7 +77,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_sound_one(tmp_path
 
 def test_every_checkpoint_damaged_stops_with_a_named_error(tmp_path):
     for step in (1, 2):
-        _save(tmp_path, step)
+        save_fake_checkpoint(tmp_path, step)
         _zero_fill(tmp_path / checkpoint.tag_for(step) / "part0.pt")
     with pytest.raises(checkpoint.DamagedCheckpoint, match=r"every checkpoint .* \(step00000002: .*--overwrite"):
         checkpoint.resume_from(tmp_path, "auto")

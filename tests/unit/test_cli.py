@@ -5,29 +5,9 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from helpers import ENV, ROOT, _caption_tokenizer, train_config
-from vilbert.data import Collator
-from vilbert.data.sample_codec import encode_sample
-
-FUZZ_CASES = 300  # a few thousand: benchmarks/shard_fuzz.py
-
-
-def _collator(index):
-    return Collator(_caption_tokenizer(), max_regions=index.max_regions, num_classes=index.num_classes,
-                    class_topk=index.class_topk)
-
-
-def _sample(**changes):
-    rng = np.random.default_rng(0)
-    arrays = {"features": rng.normal(size=(3, 8)).astype(np.float16),
-              "boxes": np.array([[0, 0, 10, 10], [5, 5, 50, 40], [90, 70, 100, 80]], np.float32),
-              "cls_index": np.array([[0, 1], [2, 3], [4, 0]], np.uint16),
-              "cls_prob": np.full((3, 2), 0.4, np.float16)}
-    arrays.update(changes)
-    return encode_sample("k", "k", ["a caption"], 100, 80, arrays)
+from helpers import ENV, ROOT, train_config
 
 
 # --- config and command-line errors -----------------------------------------------------------

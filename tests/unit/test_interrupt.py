@@ -1,37 +1,12 @@
 """Signals and launchers: a second signal exits at once; launchers are told apart."""
 
-import json
 import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 from helpers import ENV, ROOT
-from vilbert.train import checkpoint
 from vilbert.train.distributed import launcher_name
-
-
-class _Engine:
-    """Writes checkpoint files as DeepSpeed would; `fail_after` files it dies (a crash mid-save)."""
-
-    def __init__(self, fail_after=None):
-        self.fail_after = fail_after
-
-    def save_checkpoint(self, directory, tag, client_state, save_latest):
-        for i in range(3):
-            if self.fail_after is not None and i == self.fail_after:
-                raise KeyboardInterrupt("killed during save")
-            (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
-            (Path(directory) / tag / f"part{i}.pt").write_text(json.dumps(client_state))
-
-
-def _save(directory, step, keep_last=2):
-    return checkpoint.save(_Engine(), directory, {"step": step}, keep_last=keep_last, is_main=True)
-
-
-def _latest(directory):
-    return (directory / checkpoint.LATEST).read_text()
 
 
 # --- signals ----------------------------------------------------------------------------------

@@ -1,36 +1,11 @@
 """The optimizer: the lr schedule across resumes, parameter groups with a fresh lr."""
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from vilbert.train import checkpoint
 from vilbert.train.config import OptimConfig
 from vilbert.train.optim import retarget_schedule, warmup_linear_decay
-
-
-class _Engine:
-    """Writes checkpoint files as DeepSpeed would; `fail_after` files it dies (a crash mid-save)."""
-
-    def __init__(self, fail_after=None):
-        self.fail_after = fail_after
-
-    def save_checkpoint(self, directory, tag, client_state, save_latest):
-        for i in range(3):
-            if self.fail_after is not None and i == self.fail_after:
-                raise KeyboardInterrupt("killed during save")
-            (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
-            (Path(directory) / tag / f"part{i}.pt").write_text(json.dumps(client_state))
-
-
-def _save(directory, step, keep_last=2):
-    return checkpoint.save(_Engine(), directory, {"step": step}, keep_last=keep_last, is_main=True)
-
-
-def _latest(directory):
-    return (directory / checkpoint.LATEST).read_text()
 
 
 # --- the lr schedule across resumes --------------------------------------------------------------

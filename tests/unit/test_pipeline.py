@@ -25,7 +25,7 @@ from vilbert.data import (
     load_tokenizer,
 )
 from vilbert.data.pipeline import BadSampleGuard, DataHealth, ShardLoader, resolve_shards
-from vilbert.data.sample_codec import decode_sample, encode_sample
+from vilbert.data.sample_codec import decode_sample
 from vilbert.data.tar_reader import read_checked_samples, read_shard
 from vilbert.data.tokenizer import CaptionTokenizer
 from vilbert.losses import IGNORE_INDEX
@@ -220,16 +220,6 @@ FUZZ_CASES = 300  # a few thousand: benchmarks/shard_fuzz.py
 def _collator(index):
     return Collator(_caption_tokenizer(), max_regions=index.max_regions, num_classes=index.num_classes,
                     class_topk=index.class_topk)
-
-
-def _sample(**changes):
-    rng = np.random.default_rng(0)
-    arrays = {"features": rng.normal(size=(3, 8)).astype(np.float16),
-              "boxes": np.array([[0, 0, 10, 10], [5, 5, 50, 40], [90, 70, 100, 80]], np.float32),
-              "cls_index": np.array([[0, 1], [2, 3], [4, 0]], np.uint16),
-              "cls_prob": np.full((3, 2), 0.4, np.float16)}
-    arrays.update(changes)
-    return encode_sample("k", "k", ["a caption"], 100, 80, arrays)
 
 
 # --- the stream: accounting and no hangs ------------------------------------------------------

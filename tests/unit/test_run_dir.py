@@ -1,38 +1,14 @@
 """The output directory: refuse, resume, overwrite, branch; one writer at a time."""
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from helpers import ENV, ROOT
+from helpers import ENV, ROOT, latest_tag, save_fake_checkpoint
 from vilbert.train import checkpoint, run_dir
 from vilbert.train.config import load_config
-
-
-class _Engine:
-    """Writes checkpoint files as DeepSpeed would; `fail_after` files it dies (a crash mid-save)."""
-
-    def __init__(self, fail_after=None):
-        self.fail_after = fail_after
-
-    def save_checkpoint(self, directory, tag, client_state, save_latest):
-        for i in range(3):
-            if self.fail_after is not None and i == self.fail_after:
-                raise KeyboardInterrupt("killed during save")
-            (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
-            (Path(directory) / tag / f"part{i}.pt").write_text(json.dumps(client_state))
-
-
-def _save(directory, step, keep_last=2):
-    return checkpoint.save(_Engine(), directory, {"step": step}, keep_last=keep_last, is_main=True)
-
-
-def _latest(directory):
-    return (directory / checkpoint.LATEST).read_text()
 
 
 # --- the output directory: refuse, resume, overwrite, branch ---------------------------------------
@@ -44,7 +20,7 @@ def test_a_directory_holding_a_run_needs_resume_or_overwrite(tmp_path):
     config = _config(tmp_path)
     assert run_dir.plan(config, "none", False) == run_dir.Start(None, resumed=False)  # empty: fine
     assert run_dir.plan(config, "auto", False) == run_dir.Start(None, resumed=True)  # nothing to resume: step 0
-    _save(config.checkpoint_dir, 10)
+    save_fake_checkpoint(config.checkpoint_dir, 10)
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 10}\n')
     with pytest.raises(run_dir.RunExists, match="--resume auto.*--overwrite"):
         run_dir.plan(config, "none", False)
@@ -62,12 +38,12 @@ def test_a_directory_holding_a_run_needs_resume_or_overwrite(tmp_path):
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
     config = _config(tmp_path)
     for step in (10, 20, 30):
-        _save(config.checkpoint_dir, step, keep_last=5)
+        save_fake_checkpoint(config.checkpoint_dir, step, keep_last=5)
     start = run_dir.plan(config, "step00000010", False)
     assert start.branched and start.step == 10
     run_dir.prepare(config, start, overwrite=False)
     assert checkpoint.complete_tags(config.checkpoint_dir) == ["step00000010"]
-    assert _latest(config.checkpoint_dir) == "step00000010"
+    assert latest_tag(config.checkpoint_dir) == "step00000010"
     aside = list((config.checkpoint_dir / run_dir.DISCARDED).glob("*/step*"))
     assert sorted(p.name for p in aside) == ["step00000020", "step00000030"]  # kept, not deleted
 

@@ -5,17 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from helpers import _caption_tokenizer
-from vilbert.data import Collator
 from vilbert.data.errors import BadSample
 from vilbert.data.sample_codec import decode_sample, encode_sample, validate_sample
-
-FUZZ_CASES = 300  # a few thousand: benchmarks/shard_fuzz.py
-
-
-def _collator(index):
-    return Collator(_caption_tokenizer(), max_regions=index.max_regions, num_classes=index.num_classes,
-                    class_topk=index.class_topk)
 
 
 def _sample(**changes):

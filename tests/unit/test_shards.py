@@ -9,13 +9,13 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import ENV, ROOT, _caption_tokenizer
+from helpers import ENV, ROOT
 from shards.build import ShardOptions, write_shard_sets
 from shards.cli import main as shards_main
 from shards.sources import FeatureFolderSource, read_captions, select_boxes
 from shards.toyworld import write_toyworld
-from vilbert.data import Collator, ShardIndex
-from vilbert.data.sample_codec import decode_sample, encode_sample
+from vilbert.data import ShardIndex
+from vilbert.data.sample_codec import decode_sample
 from vilbert.data.tar_reader import read_shard
 
 
@@ -117,24 +117,6 @@ def test_fraction_selection_is_reproducible_and_nested(tmp_path):
 
 def test_check_reports_every_kind_of_bad_sample(tmp_path, corrupt_shards):
     assert shards_main(["check", str(corrupt_shards)]) == 1
-
-
-FUZZ_CASES = 300  # a few thousand: benchmarks/shard_fuzz.py
-
-
-def _collator(index):
-    return Collator(_caption_tokenizer(), max_regions=index.max_regions, num_classes=index.num_classes,
-                    class_topk=index.class_topk)
-
-
-def _sample(**changes):
-    rng = np.random.default_rng(0)
-    arrays = {"features": rng.normal(size=(3, 8)).astype(np.float16),
-              "boxes": np.array([[0, 0, 10, 10], [5, 5, 50, 40], [90, 70, 100, 80]], np.float32),
-              "cls_index": np.array([[0, 1], [2, 3], [4, 0]], np.uint16),
-              "cls_prob": np.full((3, 2), 0.4, np.float16)}
-    arrays.update(changes)
-    return encode_sample("k", "k", ["a caption"], 100, 80, arrays)
 
 
 # --- writers ----------------------------------------------------------------------------------

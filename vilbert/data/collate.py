@@ -25,7 +25,7 @@ IMG_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)  # the IMG token covers the whole image
 def expand_class_distribution(index: torch.Tensor, prob: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Top-k [..., k] -> dense [..., C] distributions: the mass outside the top-k is spread
     evenly over the other classes so that every row sums to 1. The shard writer stores the
-    top-k; README "Shard format" measures what this costs the KL target."""
+    top-k; docs/data.md "Shard format" measures what this costs the KL target."""
     prob = prob.float()
     rest = (1.0 - prob.sum(-1, keepdim=True)).clamp(min=0) / max(num_classes - index.shape[-1], 1)
     dense = rest.expand(*index.shape[:-1], num_classes).contiguous()

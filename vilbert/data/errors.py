@@ -1,6 +1,6 @@
 """What can go wrong with data, as exceptions whose message names the shard, the member and
-what was found. Bad samples are skipped and counted; the rest stop the run (README "When
-things go wrong")."""
+what was found. Bad samples are skipped and counted; the rest stop the run
+(docs/troubleshooting.md)."""
 
 
 class BadSample(ValueError):
