@@ -55,7 +55,7 @@ def _free_port() -> int:
 def scratch(tmp_path):
     """A directory that looks like the project root (configs, DeepSpeed files, launcher,
     benchmarks) with a Hugging Face cache holding a tiny `bert-base-uncased`, as
-    `hf download` leaves it (paper.yaml names it)."""
+    `hf download` leaves it (paper.yaml names it), and a small caption shard set."""
     for name in ("configs", "deepspeed_configs", "launch", "benchmarks", "Makefile"):
         (tmp_path / name).symlink_to(ROOT / name)
     snapshot = tmp_path / "hub/models--bert-base-uncased/snapshots/0123456789abcdef0123456789abcdef01234567"
@@ -63,6 +63,9 @@ def scratch(tmp_path):
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)).save_pretrained(snapshot)
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs/main").write_text(snapshot.name)
+    from shards.toyworld import write_toyworld
+
+    write_toyworld(tmp_path / "captions", 64, 16, feature_dim=32)  # what a SLURM dry run checks the config against
     env = {**ENV, "HF_HUB_CACHE": str(tmp_path / "hub"), "DS_ACCELERATOR": "cpu", "TQDM_DISABLE": "1"}
     return tmp_path, env
 
@@ -78,7 +81,7 @@ def run_small(command: str, cwd: Path, env: dict) -> None:
         argv[0] = sys.executable
     world = cwd / "runs/toyworld"
     if "launch/slurm.py" in command:  # the sbatch script, after every check a submission makes
-        argv += ["--dry-run", f"data.shards={world}/train", f"eval.shards={world}/val"]  # for Conceptual Captions
+        argv += ["--dry-run", f"data.shards={cwd}/captions/train", f"eval.shards={cwd}/captions/val"]  # for CC
     elif TRAINS.search(command):
         argv += SMALL_RUN
     if argv[:2] == ["make", "demo"]:
