@@ -13,14 +13,11 @@ the same registry).
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from vilbert.config_schema import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,19 +69,19 @@ def build_model(model: ModelConfig, heads: str, data_fields: dict[str, int], ove
     from vilbert.modeling.registry import PRETRAINING, model_class
 
     cls = model_class(model.arch, heads)
+    asked = {**(overrides or {}), **model.overrides}
     if model.init:
         if heads == PRETRAINING:
             raise ValueError("model.init (a pretrained model to start from) is for fine-tuning; pretraining starts "
                              "from model.bert")
-        overrides = {**(overrides or {}), **model.overrides}
-        config = ViLBERTConfig.from_pretrained(model.init, **overrides)
+        config = ViLBERTConfig.from_pretrained(model.init, **asked)
         for name, value in data_fields.items():
             if getattr(config, name) != value:
                 raise ValueError(f"model.init={model.init} does not fit the shards' region features: its {name} is "
                                  f"{getattr(config, name)}, theirs {value}")
         built = cls(config)
         return built, load_encoder(built, model.init)
-    config = ViLBERTConfig.from_preset(model.preset, **{**data_fields, **(overrides or {}), **model.overrides})
+    config = ViLBERTConfig.from_preset(model.preset, **{**data_fields, **asked})
     if not model.bert:
         return cls(config), frozenset()
     built, report = from_bert(cls, resolve_bert(model.bert), config)  # logs what it loaded (rank 0)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from helpers import ENV, ROOT
+from helpers import ENV, ROOT, write_hub_model
 
 PAGES = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
 # What every training command of the docs adds, so that it runs in seconds (the toy world it
@@ -58,11 +58,8 @@ def scratch(tmp_path):
     `hf download` leaves it (paper.yaml names it), and a small caption shard set."""
     for name in ("configs", "deepspeed_configs", "launch", "benchmarks", "Makefile"):
         (tmp_path / name).symlink_to(ROOT / name)
-    snapshot = tmp_path / "hub/models--bert-base-uncased/snapshots/0123456789abcdef0123456789abcdef01234567"
-    transformers.BertForMaskedLM(transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)).save_pretrained(snapshot)
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs/main").write_text(snapshot.name)
+    write_hub_model(tmp_path / "hub", "bert-base-uncased", transformers.BertForMaskedLM(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)))
     from shards.toyworld import write_toyworld
 
     write_toyworld(tmp_path / "captions", 64, 16, feature_dim=32)  # what a SLURM dry run checks the config against

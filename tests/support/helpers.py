@@ -149,3 +149,16 @@ def latest_tag(directory):
     from vilbert.train import checkpoint
 
     return (Path(directory) / checkpoint.LATEST).read_text()
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def write_hub_model(cache, name: str, model) -> Path:
+    """`model` saved into a Hugging Face cache in the hub's layout, as `hf download NAME`
+    leaves it (refs/main -> snapshots/<commit>); returns the snapshot directory."""
+    repo = Path(cache) / ("models--" + name.replace("/", "--"))
+    model.save_pretrained(repo / "snapshots" / HUB_COMMIT)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs/main").write_text(HUB_COMMIT)
+    return repo / "snapshots" / HUB_COMMIT

@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 
+from helpers import HUB_COMMIT, write_hub_model
 from vilbert.bert_source import resolve_bert
 from vilbert.config_schema import ConfigError, build_section
 from vilbert.model_factory import ModelConfig, build_model
@@ -13,7 +14,6 @@ from vilbert.modeling import SingleStreamForPretraining, ViLBERTForPretraining, 
 from vilbert.train.config import check_inputs, load_config
 from vilbert.train.optim import OptimConfig
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SHAPE = {"v_feature_size": 16, "v_target_size": 7}
 
 
@@ -27,11 +27,8 @@ def hub_cache(tmp_path, monkeypatch):
     bert = transformers.BertForMaskedLM(transformers.BertConfig(
         vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=64))  # the text stream of the tiny preset
-    for repo in ("models--bert-base-uncased", "models--google-bert--bert-base-uncased"):
-        snapshot = cache / repo / "snapshots" / COMMIT
-        bert.save_pretrained(snapshot)
-        (cache / repo / "refs").mkdir()
-        (cache / repo / "refs/main").write_text(COMMIT)
+    for name in ("bert-base-uncased", "google-bert/bert-base-uncased"):
+        write_hub_model(cache, name, bert)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     return cache, bert
 
@@ -40,7 +37,7 @@ def test_a_hugging_face_name_comes_from_the_local_cache(hub_cache):
     cache, bert = hub_cache
     for name, repo in (("bert-base-uncased", "models--bert-base-uncased"),
                        ("google-bert/bert-base-uncased", "models--google-bert--bert-base-uncased")):
-        assert resolve_bert(name) == cache / repo / "snapshots" / COMMIT
+        assert resolve_bert(name) == cache / repo / "snapshots" / HUB_COMMIT
     model, loaded = build_model(ModelConfig(preset="tiny", bert="bert-base-uncased"), "pretraining", SHAPE)
     assert "vilbert.text_embeddings.word_embeddings.weight" in loaded
     assert torch.equal(model.vilbert.text_embeddings.word_embeddings.weight,

@@ -32,8 +32,6 @@ from vilbert.train.objective import EvalConfig
 from vilbert.train.optim import OptimConfig
 from vilbert.train.tracking import TrackingConfig
 
-__all__ = ["ConfigError", "TrainConfig", "build_section", "load_config"]  # ConfigError: where callers expect it
-
 
 @dataclass
 class TrainConfig:
