@@ -6,7 +6,8 @@ measured end to end with the project's own commands:
        no-pretraining baseline (text stream from BERT, the rest fresh), per seed
     -> the budget curve: the transfer gain against the pretraining samples (0 = no pretraining)
 
-    python benchmarks/transfer.py [--seeds 0 1 2] [--budgets 0 10000 30000 100000] [--out runs/transfer]
+    python benchmarks/transfer.py [--seeds 0 1 2] [--budgets 3000 10000 64000] [--budget-seeds 0 1 2]
+                                  [--out runs/transfer]
                                   [--finetune optim.steps=600 ...]
 
 Every run's figures are appended to <out>/results.jsonl as they come; a rerun skips what is
@@ -158,8 +159,9 @@ def finetune_config() -> dict:
     return yaml.safe_load((ROOT / FINETUNE).read_text())
 
 
-def spread(values: list[float]) -> str:
-    return f"{mean(values):.3f} ± {pstdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+def spread(values: list[float], signed: bool = False) -> str:
+    form = "+.3f" if signed else ".3f"
+    return f"{mean(values):{form}} ± {pstdev(values):.3f}" if len(values) > 1 else f"{values[0]:{form}}"
 
 
 def tables(results: list[dict]) -> str:
@@ -193,33 +195,40 @@ def tables(results: list[dict]) -> str:
 
 
 def budget_curve(results: list[dict]) -> str:
-    """Seed 0: toy VQA accuracy and the grounding probe against the pretraining samples."""
+    """Toy VQA, its gain over no pretraining (per seed, then the mean) and the grounding probe
+    against the pretraining samples, mean ± spread over the seeds each point has."""
     named = {r["name"]: r for r in results}
-    recipe = named.get("pretrain-s0")
-    points = [(0, None, named.get("vqa-none-s0"))]
-    points += [(r["samples"], r, named.get(f"vqa-n{r['samples']}-s0")) for r in results
-               if r["name"].startswith("pretrain-s0-n")]
-    if recipe:
-        recipe_samples = pretrain_config()["optim"]["steps"] * pretrain_config()["optim"]["global_batch_size"]
-        points.append((recipe_samples, recipe, named.get("vqa-pretrained-s0")))
-    base = named.get("vqa-none-s0")
-    lines = ["| pretraining samples (seed 0) | colour own / other | object own / other | held-out alignment | "
-             "toy VQA | gain over none |", "|---|---|---|---|---|---|"]
-    for samples, pre, vqa in sorted(points, key=lambda p: p[0]):
-        probe = (f"{pre['val/grounding/colour/own']:.3f} / {pre['val/grounding/colour/other']:.3f} | "
-                 f"{pre['val/grounding/object/own']:.3f} / {pre['val/grounding/object/other']:.3f} | "
-                 f"{pre['val/alignment_accuracy']:.3f}") if pre and "val/grounding/colour/own" in pre else " | | "
-        accuracy = f"{vqa['accuracy']:.3f}" if vqa else ""
-        gain = f"{vqa['accuracy'] - base['accuracy']:+.3f}" if vqa and base else ""
-        lines.append(f"| {samples:,} | {probe} | {accuracy} | {gain} |")
+    recipe_samples = pretrain_config()["optim"]["steps"] * pretrain_config()["optim"]["global_batch_size"]
+    points = defaultdict(list)  # samples -> [(pretraining row or None, its VQA row, that seed's baseline)]
+    for r in results:
+        if r["name"].startswith("vqa-none-"):
+            points[0].append((None, r, r))
+    for r in results:
+        if r["name"].startswith("pretrain-"):
+            start = f"n{r['samples']}" if r["samples"] else "pretrained"
+            vqa, base = named.get(f"vqa-{start}-s{r['seed']}"), named.get(f"vqa-none-s{r['seed']}")
+            if vqa and base:
+                points[r["samples"] or recipe_samples].append((r, vqa, base))
+    lines = ["| pretraining samples | seeds | colour own / other | object own / other | held-out alignment | "
+             "toy VQA | gain over none |", "|---|---|---|---|---|---|---|"]
+    for samples, rows in sorted(points.items()):
+        probed = [p for p, _, _ in rows if p and "val/grounding/colour/own" in p]
+        probe = " | ".join(" / ".join(spread([p[f"val/grounding/{k}"] for p in probed]) for k in pair)
+                           for pair in (("colour/own", "colour/other"), ("object/own", "object/other"))) \
+            + f" | {spread([p['val/alignment_accuracy'] for p in probed])}" if probed else " | | "
+        lines.append(f"| {samples:,} | {', '.join(str(v['seed']) for _, v, _ in rows)} | {probe} | "
+                     f"{spread([v['accuracy'] for _, v, _ in rows])} | "
+                     f"{spread([v['accuracy'] - b['accuracy'] for _, v, b in rows], signed=True)} |")
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    parser.add_argument("--budgets", type=int, nargs="*", default=[0, 10_000, 30_000, 100_000],
-                        help="pretraining samples of the budget curve (seed 0); 0 = no pretraining")
+    parser.add_argument("--budgets", type=int, nargs="*", default=[3_000, 10_000, 64_000],
+                        help="pretraining samples of the budget curve (besides 0, no pretraining, and the recipe's)")
+    parser.add_argument("--budget-seeds", type=int, nargs="*", default=[0, 1, 2],
+                        help="the seeds of each budget point (each needs that seed's no-pretraining run)")
     parser.add_argument("--out", default="runs/transfer")
     parser.add_argument("--table", action="store_true", help="print what results.jsonl holds and stop")
     parser.add_argument("--finetune", nargs="*", default=[], metavar="KEY=VALUE",
@@ -233,9 +242,11 @@ def main() -> int:
             pretrained = bench.pretrain(seed)
             bench.finetune(seed, "pretrained", pretrained["model"])
             bench.finetune(seed, "none", "")
-        for samples in args.budgets:  # the budget curve, seed 0
-            if samples:
-                bench.finetune(0, f"n{samples}", bench.pretrain(0, samples)["model"])
+        for samples in args.budgets:  # the budget curve, one point at a time over its seeds
+            for seed in args.budget_seeds:
+                if bench.done(f"vqa-none-s{seed}") is None:
+                    bench.finetune(seed, "none", "")
+                bench.finetune(seed, f"n{samples}", bench.pretrain(seed, samples)["model"])
     print(tables(bench.results))
     return 0
 
