@@ -66,7 +66,7 @@ def build_model(model: ModelConfig, heads: str, data_fields: dict[str, int], ove
     from vilbert.bert_source import resolve_bert
     from vilbert.config import ViLBERTConfig
     from vilbert.convert import from_bert, load_encoder
-    from vilbert.modeling.registry import PRETRAINING, model_class
+    from vilbert.modeling.registry import PRETRAINING, arch_of, model_class
 
     cls = model_class(model.arch, heads)
     asked = {**(overrides or {}), **model.overrides}
@@ -75,6 +75,10 @@ def build_model(model: ModelConfig, heads: str, data_fields: dict[str, int], ove
             raise ValueError("model.init (a pretrained model to start from) is for fine-tuning; pretraining starts "
                              "from model.bert")
         config = ViLBERTConfig.from_pretrained(model.init, **asked)
+        saved = next((arch for arch in map(arch_of, config.architectures or []) if arch), None)
+        if saved and saved != model.arch:
+            raise ValueError(f"model.init={model.init} is a {saved} model: fine-tune it with model.arch={saved} "
+                             f"(not {model.arch})")
         for name, value in data_fields.items():
             if getattr(config, name) != value:
                 raise ValueError(f"model.init={model.init} does not fit the shards' region features: its {name} is "

@@ -131,15 +131,17 @@ def test_a_split_without_answers_gives_predictions_and_no_metrics(toy_vqa):
     assert task.results(records) == [{"question_id": 7, "answer": task.answers[0]}]
 
 
-def test_a_pretrained_encoder_is_loaded_and_the_heads_start_fresh(tmp_path, toy_vqa):
-    from vilbert import ViLBERTConfig, ViLBERTForPretraining
+@pytest.mark.parametrize("arch", ["vilbert", "single_stream"])
+def test_a_pretrained_encoder_is_loaded_and_the_heads_start_fresh(tmp_path, toy_vqa, arch):
+    from vilbert import ViLBERTConfig
+    from vilbert.modeling.registry import PRETRAINING, model_class
     from vilbert.train import load_config
     from vilbert.train.finetuning import build_task_model, make_task
 
-    pretrained = ViLBERTForPretraining(ViLBERTConfig.from_preset("tiny", vocab_size=30522, v_feature_size=32,
-                                                                 v_target_size=49))
+    pretrained = model_class(arch, PRETRAINING)(ViLBERTConfig.from_preset("tiny", vocab_size=30522, v_feature_size=32,
+                                                                          v_target_size=49))
     pretrained.save_pretrained(tmp_path / "pretrained")
-    config = load_config(_config(tmp_path, toy_vqa, model={"init": str(tmp_path / "pretrained")}))
+    config = load_config(_config(tmp_path, toy_vqa, model={"init": str(tmp_path / "pretrained"), "arch": arch}))
     task = make_task(config)
     model, _ = build_task_model(config, task, 32)
     theirs = pretrained.vilbert.state_dict()
@@ -147,6 +149,10 @@ def test_a_pretrained_encoder_is_loaded_and_the_heads_start_fresh(tmp_path, toy_
     assert model.config.num_vqa_answers == len(task.answers) and model.config.id2label[0] == task.answers[0]
     with pytest.raises(ValueError, match="region features"):
         build_task_model(config, task, 64)
+    other = {"vilbert": "single_stream", "single_stream": "vilbert"}[arch]
+    config = load_config(_config(tmp_path, toy_vqa, model={"init": str(tmp_path / "pretrained"), "arch": other}))
+    with pytest.raises(ValueError, match=f"is a {arch} model: fine-tune it with model.arch={arch} "):
+        build_task_model(config, task, 32)
 
 
 def test_unknown_task_names_the_known_ones(tmp_path, toy_vqa):

@@ -10,7 +10,7 @@ from helpers import HUB_COMMIT, write_hub_model
 from vilbert.bert_source import resolve_bert
 from vilbert.config_schema import ConfigError, build_section
 from vilbert.model_factory import ModelConfig, build_model
-from vilbert.modeling import SingleStreamForPretraining, ViLBERTForPretraining, ViLBERTForTasks
+from vilbert.modeling import SingleStreamForPretraining, SingleStreamForTasks, ViLBERTForPretraining, ViLBERTForTasks
 from vilbert.train.config import check_inputs, load_config
 from vilbert.train.optim import OptimConfig
 
@@ -70,8 +70,7 @@ def test_model_arch_picks_the_class_and_single_stream_is_a_deprecated_alias():
         old = load_config(None, ["model.single_stream=true", "model.preset=tiny"])
     assert old.model.arch == "single_stream" and old.model.single_stream is None
     assert built(old.model, "pretraining") is SingleStreamForPretraining
-    with pytest.raises(ValueError, match="model.arch=single_stream has no tasks model yet"):
-        built(old.model, "tasks")
+    assert built(old.model, "tasks") is SingleStreamForTasks
     with pytest.raises(ConfigError, match=r"model.arch='two_tower' is not a model; choose from \['single_stream', "
                                           r"'vilbert'\]"):
         load_config(None, ["model.arch=two_tower"])

@@ -7,14 +7,15 @@ find its classes through this table.
 
 from __future__ import annotations
 
-from vilbert.modeling.single_stream import SingleStreamForPretraining
+from vilbert.modeling.single_stream import SingleStreamForPretraining, SingleStreamForTasks
 from vilbert.modeling.vilbert import ViLBERTForPretraining, ViLBERTForTasks
 
 PRETRAINING, TASKS = "pretraining", "tasks"  # what a class carries: the pretraining heads, or the task heads
 
 ARCHITECTURES: dict[str, dict[str, type]] = {
     "vilbert": {PRETRAINING: ViLBERTForPretraining, TASKS: ViLBERTForTasks},  # the paper's two-stream model
-    "single_stream": {PRETRAINING: SingleStreamForPretraining},  # the paper's single-stream baseline
+    "single_stream": {PRETRAINING: SingleStreamForPretraining, TASKS: SingleStreamForTasks},  # the paper's
+    #                                                                                          single-stream baseline
 }
 
 
@@ -25,6 +26,12 @@ def model_class(arch: str, heads: str) -> type:
     if heads not in ARCHITECTURES[arch]:
         raise ValueError(f"model.arch={arch} has no {heads} model yet (it has: {', '.join(ARCHITECTURES[arch])})")
     return ARCHITECTURES[arch][heads]
+
+
+def arch_of(class_name: str) -> str | None:
+    """The `model.arch` a registered class belongs to (None: not one of ours)."""
+    return next((arch for arch, variants in ARCHITECTURES.items()
+                 if any(cls.__name__ == class_name for cls in variants.values())), None)
 
 
 def class_named(name: str) -> type:

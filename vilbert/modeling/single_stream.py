@@ -16,7 +16,7 @@ from vilbert.modeling.embeddings import RegionEmbeddings, TextEmbeddings
 from vilbert.modeling.heads import Pooler
 from vilbert.modeling.layers import build_layer
 from vilbert.modeling.outputs import ViLBERTModelOutput
-from vilbert.modeling.vilbert import ViLBERTForPretraining, ViLBERTPreTrainedModel, _all_real
+from vilbert.modeling.vilbert import ViLBERTForPretraining, ViLBERTForTasks, ViLBERTPreTrainedModel, _all_real
 
 
 class SingleStreamEncoder(nn.Module):
@@ -62,3 +62,10 @@ class SingleStreamForPretraining(ViLBERTForPretraining):
 
     base_model_class = SingleStreamModel
     region_width_field = "hidden_size"  # regions live at the text width
+
+
+class SingleStreamForTasks(ViLBERTForTasks):
+    """ViLBERT's task heads on the single-stream encoder (the paper's Table 1 baseline)."""
+
+    base_model_class = SingleStreamModel
+    region_width_field = "hidden_size"

@@ -94,13 +94,16 @@ class ViLBERTForTasks(ViLBERTPreTrainedModel):
     """The official multi-task model's heads: VQA answer classifier on the fused vector, an
     image-text pair score (VCR, retrieval) and a per-region score (referring expressions)."""
 
+    base_model_class = ViLBERTModel
+    region_width_field = "v_hidden_size"
+
     def __init__(self, config: ViLBERTConfig):
         super().__init__(config)
-        self.vilbert = ViLBERTModel(config)
+        self.vilbert = self.base_model_class(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.vqa_head = VQAClassifier(config)
         self.pair_head = nn.Linear(config.bi_hidden_size, 1)
-        self.region_head = nn.Linear(config.v_hidden_size, 1)
+        self.region_head = nn.Linear(getattr(config, self.region_width_field), 1)
         self.post_init()
 
     def forward(self, input_ids, region_features, region_locations, token_type_ids=None, attention_mask=None,
