@@ -64,6 +64,9 @@ def _add_world_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--noise", type=float, default=default.noise, help="std of every region's latent noise")
     group.add_argument("--listing-colours", action=argparse.BooleanOptionalAction, default=default.listing_colours,
                        help="listing captions name each object's colour")
+    group.add_argument("--detector-colours", action=argparse.BooleanOptionalAction, default=default.detector_colours,
+                       help="the detector's classes are colour-object pairs (its class distribution tells colours "
+                            "apart, as an attribute-aware detector's)")
     group.add_argument("--setting-mention", type=float, default=default.setting_mention,
                        help="how often a caption names the scene's setting (the setting is in every region: "
                             "captions that name it let alignment be learnt from the setting alone)")
@@ -75,7 +78,7 @@ def _world(args):
     return WorldOptions(classes=args.classes, colours=args.colours, objects=args.objects,
                         boxes_per_object=args.boxes_per_object, background_boxes=args.background_boxes,
                         min_regions=args.min_regions, noise=args.noise, setting_mention=args.setting_mention,
-                        listing_colours=args.listing_colours)
+                        listing_colours=args.listing_colours, detector_colours=args.detector_colours)
 
 
 def _options(args):

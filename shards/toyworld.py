@@ -63,6 +63,8 @@ class WorldOptions:
     noise: float = 0.5  # std of the latent noise of every region
     setting_mention: float = 0.0  # how often a caption names the setting (1.0): never, so no shortcut
     listing_colours: bool = False  # "a picture of a red dog and a blue cup" instead of "... a dog and a cup"
+    detector_colours: bool = False  # the detector's classes are colour-object pairs ("red dog"), as an
+    #                                  attribute-aware detector's: its class distribution then tells colours apart
 
     def __post_init__(self):
         checks = {"classes": 2 <= self.classes <= len(CLASSES), "colours": 2 <= self.colours <= len(COLOURS),
@@ -122,12 +124,19 @@ class ToyWorld:
             (rng.normal(size=(LATENT_DIM, feature_dim)) / np.sqrt(LATENT_DIM)).astype(np.float32))
 
     @property
-    def num_classes(self) -> int:  # the detector's: background + the world's classes
-        return self.options.classes + 1
+    def num_classes(self) -> int:  # the detector's: background + the world's classes (or colour-class pairs)
+        return len(self.class_names)
 
     @property
     def class_names(self) -> list[str]:
-        return [BACKGROUND] + self.options.class_names
+        o = self.options
+        if o.detector_colours:
+            return [BACKGROUND] + [f"{colour} {name}" for name in o.class_names for colour in o.colour_names]
+        return [BACKGROUND] + o.class_names
+
+    def detector_label(self, cls: np.ndarray, colour: np.ndarray) -> np.ndarray:
+        """The detector's class index (0 is background) of objects of class `cls` and colour `colour`."""
+        return 1 + (cls * self.options.colours + colour if self.options.detector_colours else cls)
 
     # --- one image (arrays over its objects and regions) ------------------------------
     def scene(self, rng: np.random.Generator) -> dict:
@@ -181,8 +190,10 @@ class ToyWorld:
         logits = rng.normal(size=(len(owner), self.num_classes)).astype(np.float32)
         is_object = owner >= 0
         rows, classes = np.flatnonzero(is_object), scene["cls"][owner[is_object]]
-        logits[rows, classes + 1] += 6.0 * coverage[is_object]
-        logits[rows, self.lookalike[classes] + 1] += 6.0 * coverage[is_object] * rng.uniform(0, 1.1, len(rows))
+        colours = scene["colour"][owner[is_object]]
+        logits[rows, self.detector_label(classes, colours)] += 6.0 * coverage[is_object]
+        logits[rows, self.detector_label(self.lookalike[classes], colours)] += \
+            6.0 * coverage[is_object] * rng.uniform(0, 1.1, len(rows))
         logits[:, 0] += np.where(is_object, 3.0 * (1 - coverage), 5.0)
         probs = np.exp(logits - logits.max(1, keepdims=True))
         return probs / probs.sum(1, keepdims=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,8 +22,6 @@ def _convert_official(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    import os
-
     from vilbert.train import load_config, pretrain
     from vilbert.train.tracking import default_uri, read_metrics
 
@@ -61,8 +60,6 @@ def _finetune_config(args: argparse.Namespace):
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    import os
-
     from vilbert.train.loop import finetune
 
     config = _finetune_config(args)
@@ -79,8 +76,6 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import os
-
     from vilbert.train.finetuning import evaluate_run
 
     metrics = evaluate_run(args.checkpoint, args.split, args.out, args.tag, args.overrides)
@@ -89,6 +84,25 @@ def _evaluate(args: argparse.Namespace) -> int:
             print(f"{args.split} {name}: {value:.4f}")
         if not metrics:
             print(f"{args.split} has no answers: predictions written for the evaluation server")
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from vilbert.ablation.local import run_ablation
+    from vilbert.ablation.spec import load_ablation
+
+    failed = run_ablation(load_ablation(args.file), dry_run=args.dry_run)
+    if failed:
+        print(f"{len(failed)} job(s) failed: {', '.join(failed)}; rerun the same command to retry them "
+              f"(finished jobs are skipped)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from vilbert.ablation.compare import compare_ablation
+
+    print(compare_ablation(args.tracking_uri, args.experiment, args.parent, args.out))
+    print(f"tables, CSV and plots in {args.out} (and under compare/ in the parent run's artifacts)")
     return 0
 
 
@@ -188,6 +202,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tag", help="a checkpoint tag instead of the best model")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.batch_size=512")
     evaluate.set_defaults(run=_evaluate, check=_check_evaluate, launchable=True)
+
+    ablate = commands.add_parser(
+        "ablate", help="run an ablation file's grid here: pretraining cells, then their fine-tunes",
+        description="Run every job of an ablation file (configs/ablations/) one after another, each as its own "
+                    "`vilbert pretrain` / `vilbert finetune` process, under one MLflow parent run. A rerun skips "
+                    "finished jobs and resumes stopped ones; a failed job does not stop the others. Ends with "
+                    "`vilbert compare`'s tables in <output_dir>/compare. On SLURM: python launch/slurm.py sweep FILE.")
+    ablate.add_argument("file", help="ablation YAML, e.g. configs/ablations/paper_toy.yaml")
+    ablate.add_argument("--dry-run", action="store_true", help="list the cells and jobs (and their state) and stop")
+    ablate.set_defaults(run=_ablate)
+
+    compare = commands.add_parser(
+        "compare", help="an ablation's tables (Markdown, CSV) and plots, from the tracking store",
+        description="Read an ablation's runs from MLflow and write the paper's tables (every configuration; "
+                    "Table 1, architecture x pretraining; each task vs each varied key) and plots (vs each key, "
+                    "mean and spread over seeds). Failed, running or missing jobs show as such.")
+    compare.add_argument("--experiment", required=True, help="the ablation file's experiment")
+    compare.add_argument("--parent", help="the ablation's parent run id (default: the newest ablation)")
+    compare.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI")
+                         or "sqlite:///runs/ablations/mlflow.db",
+                         help="the store (default: $MLFLOW_TRACKING_URI, else the ablations' default)")
+    compare.add_argument("--out", default="runs/ablations/compare", help="folder for tables.md, results.csv, PNGs")
+    compare.set_defaults(run=_compare)
 
     export = commands.add_parser("export", help="write a checkpoint as a save_pretrained model (fp32)",
                                  description="Turn a DeepSpeed checkpoint directory (any ZeRO stage) into a "

@@ -83,6 +83,20 @@ def test_options_hold_what_they_promise():
     assert spread[0] < spread[1]
 
 
+def test_a_colour_aware_detector_puts_its_confidence_on_the_colour_object_pair():
+    world = ToyWorld(seed=5, feature_dim=16, options=WorldOptions(classes=6, colours=4, detector_colours=True))
+    assert world.num_classes == 1 + 6 * 4 and world.class_names[1:3] == ["red dog", "orange dog"]
+    records = list(world.generate(0, 100))
+    hits = []
+    for r in records:
+        for o in r["scene"]["objects"]:
+            tight = o["regions"][0]  # coverage 1: the detector's best look
+            hits.append(world.class_names[int(np.argmax(r["cls_prob"][tight]))] == f"{o['colour']} {o['name']}")
+    assert np.mean(hits) > 0.6  # the pair itself, unless a look-alike class of the same colour wins
+    plain = ToyWorld(seed=5, feature_dim=16, options=WorldOptions(classes=6, colours=4))
+    assert plain.num_classes == 7 and next(plain.generate(0, 1))["cls_prob"].shape[1] == 7
+
+
 def test_toy_vqa_asks_about_the_worlds_classes_and_colours():
     records = list(ToyWorld(seed=5, feature_dim=16, options=SMALL).generate(0, 300))
     rng = np.random.default_rng(0)

@@ -38,7 +38,7 @@ from vilbert.train.optim import build_optimizer, retarget_schedule, warmup_linea
 from vilbert.train.runtime import Runtime, start_runtime
 from vilbert.train.step_metrics import StepMetrics
 from vilbert.train.threads import set_intra_op_threads
-from vilbert.train.tracking import Tracker, git_commit
+from vilbert.train.tracking import Tracker, default_run_name, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class Trainer:
                             "world_size": env.world_size, "launcher": env.launcher,
                             "device": self.runtime.device_type, "git_commit": git_commit(),
                             "resumed_from": start.tag or "", "parameters": sum(p.numel() for p in model.parameters())},
-                           run_name=config.tracking.run_name or Path(config.output_dir).name,
+                           run_name=config.tracking.run_name or default_run_name(config.output_dir, config.seed),
                            resumed_step=self.state["step"] if start.resumed else None,
                            new_run=config.tracking.new_run or start.branched, slurm_job=slurm_job(),
                            tags={f"resume.changed.{key}": change for key, change in changed.items()})

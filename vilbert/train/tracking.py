@@ -23,7 +23,7 @@ import logging
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vilbert.config_schema import non_negative, positive
@@ -34,7 +34,10 @@ class TrackingConfig:
     enabled: bool = True  # MLflow; metrics.jsonl is written regardless
     uri: str = ""  # default: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/../mlflow.db
     experiment: str = "vilbert-pretraining"
-    run_name: str = ""  # default: the output directory's name
+    run_name: str = ""  # default: the output directory's name, the seed and the start time (default_run_name)
+    parent_run_id: str = ""  # nest the run under this MLflow run (an ablation's parent run)
+    tags: dict[str, str] = field(default_factory=dict)  # set on the run as tags and as params (an ablation
+    #                                                      cell's values: filterable, and in MLflow's compare view)
     log_every: int = positive(10)
     system_metrics: bool = True
     new_run: bool = False  # a resumed run continues its MLflow run; true: start a new one
@@ -46,6 +49,8 @@ class TrackingConfig:
 
 log = logging.getLogger(__name__)
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3's UI: the model-training
+#                                                                          view (runs, charts), not GenAI's
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "tracking.json"  # {"run_id", "uri", "experiment", "slurm_jobs": {job id: restarts},
 #                                "mlflow_step": the last step MLflow has, "late_steps": steps sent late}
@@ -56,12 +61,34 @@ def default_uri(output_dir: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).resolve().parent / 'mlflow.db'}"
 
 
+def default_run_name(output_dir: str | Path, seed: int) -> str:
+    """`toy-s0-1202-1640`: the output directory, the seed and the start, so that the runs of
+    one config (the demo, seeds of a benchmark) tell apart in MLflow's runs table."""
+    return f"{Path(output_dir).name}-s{seed}-{time.strftime('%m%d-%H%M')}"
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def open_experiment(uri: str, name: str):
+    """Point mlflow at `uri` and make `name` the active experiment: created if missing (in a
+    SQLite store with its artifacts in `mlartifacts/` beside the database), and tagged to open
+    in MLflow's model-training view."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(name) is None and uri.startswith("sqlite:"):
+        artifacts = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+        mlflow.create_experiment(name, artifact_location=artifacts.resolve().as_uri())
+    experiment = mlflow.set_experiment(name)
+    if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        mlflow.set_experiment_tag(*EXPERIMENT_KIND)
+    return experiment
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:
@@ -164,11 +191,7 @@ class Tracker:
         def begin():
             if mlflow.active_run() is not None:  # an earlier try got that far
                 mlflow.end_run()
-            mlflow.set_tracking_uri(self.uri)
-            if mlflow.get_experiment_by_name(self.config.experiment) is None and self.uri.startswith("sqlite:"):
-                artifacts = Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts"
-                mlflow.create_experiment(self.config.experiment, artifact_location=artifacts.resolve().as_uri())
-            mlflow.set_experiment(self.config.experiment)
+            open_experiment(self.uri, self.config.experiment)
             run = None
             if self._state["run_id"]:
                 try:
@@ -179,11 +202,14 @@ class Tracker:
                     log.warning("cannot continue MLflow run %s (%s); starting a new one", self._state["run_id"], e)
                     self._backlog = []  # the new run starts at this step
             continued = run is not None
-            run = run or mlflow.start_run(run_name=run_name, log_system_metrics=self.config.system_metrics)
+            parent = {"mlflow.parentRunId": self.config.parent_run_id} if self.config.parent_run_id else {}
+            run = run or mlflow.start_run(run_name=run_name, log_system_metrics=self.config.system_metrics,
+                                          tags={**parent, **{k: str(v) for k, v in self.config.tags.items()}})
             self.run_id = run.info.run_id
             self._write_state(run_id=self.run_id)
             if not continued:
-                items = list(params.items())
+                items = [(k, v) for k, v in params.items() if not k.startswith("tracking.tags.")]
+                items += list(self.config.tags.items())
                 for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
                     mlflow.log_params({k: str(v)[:6000] for k, v in items[i:i + 100]})
             starts = int(mlflow.get_run(self.run_id).data.tags.get("starts", "0")) + 1
