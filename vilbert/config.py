@@ -149,12 +149,17 @@ class ViLBERTConfig(PretrainedConfig):
         return cls(**{**PRESETS[name], **overrides})
 
 
-def _depth_ablation(num_co_layers: int) -> dict:
+def _depth_ablation(num_co_layers: int, text_layers: int = 12) -> dict:
     """The paper's depth ablation: co-attention on the last k text layers, k visual layers
     (official `bert_base_{k}layer_{k}conect.json`)."""
     return dict(v_num_hidden_layers=num_co_layers,
                 v_biattention_id=list(range(num_co_layers)),
-                t_biattention_id=list(range(12 - num_co_layers, 12)))
+                t_biattention_id=list(range(text_layers - num_co_layers, text_layers)))
+
+
+_SMALL = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+              v_hidden_size=256, v_num_attention_heads=4, v_intermediate_size=512,
+              bi_hidden_size=256, bi_num_attention_heads=4, bi_intermediate_size=512)
 
 
 PRESETS: dict[str, dict] = {
@@ -164,11 +169,11 @@ PRESETS: dict[str, dict] = {
     "depth4": _depth_ablation(4),
     "depth8": _depth_ablation(8),
     # CPU-sized model whose text stream has the shape of MiniLM-L6 (384 wide, 6 layers,
-    # bert-base-uncased vocab), so it can start from that real BERT checkpoint.
-    "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
-                  v_hidden_size=256, v_num_hidden_layers=2, v_num_attention_heads=4, v_intermediate_size=512,
-                  bi_hidden_size=256, bi_num_attention_heads=4, bi_intermediate_size=512,
-                  v_biattention_id=[0, 1], t_biattention_id=[4, 5]),
+    # bert-base-uncased vocab), so it can start from that real BERT checkpoint; 2 co-attention
+    # layers, and the toy depth ablation's 1 and 4.
+    "small": {**_SMALL, **_depth_ablation(2, text_layers=6)},
+    "small_depth1": {**_SMALL, **_depth_ablation(1, text_layers=6)},
+    "small_depth4": {**_SMALL, **_depth_ablation(4, text_layers=6)},
     # For unit tests: a few thousand parameters per layer.
     "tiny": dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
                  max_position_embeddings=64, v_feature_size=24, v_target_size=11, v_hidden_size=16,

@@ -7,11 +7,8 @@ import subprocess
 import sys
 
 import mlflow
-import yaml
 
-from helpers import ENV, ROOT, train_config
-
-STEPS = 4
+from helpers import ENV, ROOT, write_ablation
 
 
 def _vilbert(*args):
@@ -19,30 +16,8 @@ def _vilbert(*args):
                           text=True, timeout=900)
 
 
-def _ablation(tmp_path, toy_world, cells=None):
-    from shards.toyvqa import write_toy_vqa
-
-    if not (tmp_path / "toyvqa/train/index.json").exists():
-        write_toy_vqa(tmp_path / "toyvqa", 120, 40, feature_dim=32)
-    for folder in ("pretrain", "finetune"):
-        (tmp_path / folder).mkdir(exist_ok=True)
-    short = {"optim": {"steps": STEPS}, "checkpoint": {"every_steps": STEPS}, "eval": {"every_steps": STEPS}}
-    pretrain = train_config(tmp_path / "pretrain", toy_world, **short)
-    finetune = train_config(tmp_path / "finetune", tmp_path / "toyvqa", task={"name": "vqa", "max_question_tokens": 12},
-                            **short)
-    spec = {"name": "tiny", "output_dir": str(tmp_path / "ablation"), "experiment": "tiny-ablation",
-            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "pretrain": {"config": str(pretrain)}, "tasks": {"vqa": {"config": str(finetune)}},
-            "axes": {"model.arch": ["vilbert", "single_stream"], "data.fraction": [0, 1.0]}}
-    if cells:
-        spec["cells"] = cells
-    path = tmp_path / "ablation.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
 def test_a_tiny_grid_runs_into_mlflow_compares_skips_finished_jobs_and_shows_failures(tmp_path, toy_world):
-    path = _ablation(tmp_path, toy_world)
+    path = write_ablation(tmp_path, toy_world)
     dry = _vilbert("ablate", str(path), "--dry-run")
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert "4 cells, 6 jobs" in dry.stdout and dry.stdout.count("to run") == 6
@@ -85,7 +60,7 @@ def test_a_tiny_grid_runs_into_mlflow_compares_skips_finished_jobs_and_shows_fai
 
     # Two more cells whose model cannot be built: their jobs fail (or are not run, after a failed
     # pretraining), the finished ones are kept, and the tables say so.
-    path = _ablation(tmp_path, toy_world, cells=[{}, {"model.overrides.no_such_field": 1}])
+    path = write_ablation(tmp_path, toy_world, cells=[{}, {"model.overrides.no_such_field": 1}])
     failed = _vilbert("ablate", str(path))
     assert failed.returncode == 1 and "job(s) failed" in failed.stderr
     assert failed.stdout.count("failed (exit 1)") == 4 and failed.stdout.count("skipped (") == 2

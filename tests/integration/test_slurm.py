@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ENV, ROOT, train_config, write_sample_shards
+from helpers import ENV, ROOT, train_config, write_ablation, write_sample_shards
 from slurm_cluster import LocalSlurmCluster, SlurmUnavailable, loopback_host_names
 from vilbert.launch import cli
 from vilbert.launch.job import resumed_argv
@@ -100,6 +100,21 @@ def test_a_requeued_command_resumes_and_never_overwrites():
     assert resumed_argv(["pretrain", "--resume", "step00000010", "--config", "c.yaml"]) == \
         ["pretrain", "--resume", "auto", "--config", "c.yaml"]
     assert resumed_argv(["pretrain", "--resume=none"]) == ["pretrain", "--resume", "auto"]
+
+
+def test_a_sweep_dry_run_lists_the_arrays_and_their_dependencies(tmp_path, capsys, toy_world):
+    path = write_ablation(tmp_path, toy_world, axes={"data.fraction": [1.0, 0]})
+    assert cli.main(["sweep", str(path), "--tasks-per-node", "1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 cells; 3 job(s) to run in 3 array(s)" in out
+    assert "array 0: pretrain, 1 job(s)\n    [0] fraction=1.0/pretrain" in out
+    assert "array 1: finetune fraction=1.0, 1 job(s) after fraction=1.0/pretrain (afterok)" in out
+    assert "array 2: finetune fraction=0, 1 job(s)\n" in out  # no pretraining: nothing to wait for
+    assert "after all 3 array(s) (afterany)" in out
+    assert not (tmp_path / "ablation/ablation.json").exists()  # no parent run: nothing submitted
+    with pytest.raises(SystemExit):
+        cli.main(["sweep", str(path), "--cluster", "local"])
+    assert "has no job dependencies: run the ablation with `vilbert ablate" in capsys.readouterr().err
 
 
 def test_time_limits_in_minutes():
@@ -294,3 +309,22 @@ def test_status_shows_the_one_line_cause_of_a_failed_job(tmp_path, capsys):
     capsys.readouterr()
     status("77", str(tmp_path / "logs"))
     assert f"     cause: {errors[0]}" in capsys.readouterr().out
+
+
+def test_a_sweep_runs_the_pretraining_then_its_dependent_fine_tune_and_the_tables(slurm, tmp_path, toy_world):
+    path = write_ablation(tmp_path, toy_world, axes={"data.fraction": [1.0, 0]})
+    result = subprocess.run([*LAUNCH, "sweep", str(path), "--log-dir", str(tmp_path / "logs")], cwd=ROOT,
+                            env={**ENV, **slurm.env}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ids = dict(re.findall(r"submitted (pretrain|finetune fraction=1.0|finetune fraction=0): job\(s\) (\S+)",
+                          result.stdout))
+    tables_job = re.search(r"submitted the tables: job (\d+)", result.stdout).group(1)
+    assert _wait(tables_job, tmp_path / "logs", 900)["JobState"] == "COMPLETED", _rank0_log(tmp_path / "logs",
+                                                                                            tables_job)
+    pretrain, finetune = job_info(ids["pretrain"]), job_info(ids["finetune fraction=1.0"])
+    assert pretrain["JobState"] == finetune["JobState"] == "COMPLETED"
+    assert finetune["StartTime"] >= pretrain["EndTime"]  # afterok: the fine-tune waited for its model
+    for cell in ("fraction=1.0", "fraction=0"):
+        assert (tmp_path / "ablation" / cell / "vqa/model/config.json").exists()
+    tables = (tmp_path / "ablation/compare/tables.md").read_text()
+    assert "| 1.0 | " in tables and "failed" not in tables and "missing" not in tables

@@ -33,6 +33,29 @@ def train_config(tmp_path, toy_world, **sections) -> Path:
     return path
 
 
+def write_ablation(tmp_path, toy_world, steps: int = 4, **spec) -> Path:
+    """An ablation file of the tiny model: pretraining on `toy_world`, fine-tuning on a small
+    toy VQA set written beside it, `steps` steps each, into an MLflow store in tmp_path;
+    by default a 2 x 2 grid (model.arch x data.fraction 0 / 1.0); `spec` replaces its keys."""
+    from shards.toyvqa import write_toy_vqa
+
+    if not (tmp_path / "toyvqa/train/index.json").exists():
+        write_toy_vqa(tmp_path / "toyvqa", 120, 40, feature_dim=32)
+    short = {"optim": {"steps": steps}, "checkpoint": {"every_steps": steps}, "eval": {"every_steps": steps}}
+    for folder in ("pretrain", "finetune"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    pretrain = train_config(tmp_path / "pretrain", toy_world, **short)
+    finetune = train_config(tmp_path / "finetune", tmp_path / "toyvqa", task={"name": "vqa", "max_question_tokens": 12},
+                            **short)
+    ablation = {"name": "tiny", "output_dir": str(tmp_path / "ablation"), "experiment": "tiny-ablation",
+                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "pretrain": {"config": str(pretrain)}, "tasks": {"vqa": {"config": str(finetune)}},
+                "axes": {"model.arch": ["vilbert", "single_stream"], "data.fraction": [0, 1.0]}, **spec}
+    path = tmp_path / "ablation.yaml"
+    path.write_text(yaml.safe_dump(ablation, sort_keys=False))
+    return path
+
+
 def tiny_run_config(output_dir, deepspeed_file: str, *, features: int, classes: int, micro: int, global_batch: int,
                     steps: int, overrides=()):
     """The config of an in-process `pretrain` of the tiny model on `synthetic_batch`es (fed

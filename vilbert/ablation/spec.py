@@ -154,6 +154,14 @@ def load_ablation(path: str | Path) -> Ablation:
         raise ConfigError(f"{path}: pretrain.config (the base pretraining YAML) is required")
     tasks = {name: TaskRun(spec["config"], dict(spec.get("overrides") or {}))
              for name, spec in _mapping(tree, "tasks", "").items()}
+    from vilbert.tasks import task_class
+
+    for name in tasks:
+        task_class(name)  # an unknown task fails here, naming the known ones
+    for where, config in [("pretrain.config", pretrain["config"])] + [(f"tasks.{n}.config", t.config)
+                                                                      for n, t in tasks.items()]:
+        if not Path(config).is_file():
+            raise ConfigError(f"{path}: {where}={config}: no such file")
     listed = tree.get("cells") or [{}]
     axes = _mapping(tree, "axes", "")
     if not isinstance(listed, list) or not all(isinstance(c, dict) for c in listed):

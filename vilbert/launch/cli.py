@@ -15,6 +15,7 @@ Run a vilbert command that trains or evaluates as a SLURM job (submitit), one ta
 
   python launch/slurm.py COMMAND [cluster options] [COMMAND's own arguments] [-- COMMAND's arguments]
   python launch/slurm.py status|tail|cancel JOB
+  python launch/slurm.py sweep FILE [cluster options]       (an ablation file: docs/ablations.md)
 
 The launcher takes the options below and passes everything else, unchanged, to
 `vilbert COMMAND` (the same YAML config and dotted overrides as on a workstation); after a
@@ -51,8 +52,14 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch/slurm.py", description=DESCRIPTION, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("command", help="a vilbert command that trains or evaluates (e.g. pretrain), or "
-                                        "status / tail / cancel JOB")
+    parser.add_argument("command", help="a vilbert command that trains or evaluates (e.g. pretrain), "
+                                        "status / tail / cancel JOB, or sweep FILE (an ablation)")
+    add_cluster_options(parser)
+    return parser
+
+
+def add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    """Where a job runs and how big it is, and the job's own options (every job of a sweep too)."""
     where = parser.add_argument_group("where and how big")
     where.add_argument("--cluster", choices=list(BACKENDS), default="slurm",
                        help="submitit executor: " + ", ".join(f"{name} ({b.help})" for name, b in BACKENDS.items())
@@ -85,7 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     job.add_argument("--wait", action="store_true",
                      help="wait for the job to end (always where jobs are not queued: --cluster local, debug)")
-    return parser
 
 
 def _manage(argv: list[str]) -> int:
@@ -109,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in MANAGE:
         return _manage(argv)
+    if argv and argv[0] == "sweep":
+        from vilbert.launch.sweep import main as sweep
+
+        return sweep(argv[1:])
     own, passthrough = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = build_parser()
     args, rest = parser.parse_known_args(own)
