@@ -174,7 +174,7 @@ def tables(results: list[dict]) -> str:
             lines.append(f"| {r['samples'] or 'recipe'} | {r['seed']} | {r['val/alignment_accuracy']:.3f} | "
                          f"{r['val/mlm_accuracy']:.3f} | {g['colour/own']:.3f} / {g['colour/other']:.3f} / "
                          f"{g['colour/chance']:.3f} | {g['object/own']:.3f} / {g['object/other']:.3f} / "
-                         f"{g['object/chance']:.3f} | {r.get('val/zero_shot/R@1', float('nan')):.3f} | "
+                         f"{g['object/chance']:.3f} | {r.get('val/zero_shot/R1', float('nan')):.3f} | "
                          f"{r['seconds'] / 60:.1f} |")
     vqa = [r for r in results if r["name"].startswith("vqa-")]
     by_start = defaultdict(list)

@@ -23,7 +23,7 @@ def _convert_official(args: argparse.Namespace) -> int:
 
 def _pretrain(args: argparse.Namespace) -> int:
     from vilbert.train import load_config, pretrain
-    from vilbert.train.tracking import default_uri, read_metrics
+    from vilbert.train.tracking import read_metrics
 
     config = load_config(args.config, args.overrides)
     metrics = pretrain(config, resume=args.resume, overwrite=args.overwrite)
@@ -41,10 +41,18 @@ def _pretrain(args: argparse.Namespace) -> int:
         if probed:
             print(probed.replace("\n", "\n          "))
     print(f"model: {config.output_dir}/model (save_pretrained); metrics: {config.output_dir}/metrics.jsonl")
-    if metrics.get("mlflow_run_id"):
-        uri = config.tracking.uri or default_uri(config.output_dir)
-        print(f"MLflow run {metrics['mlflow_run_id']}; open the UI with:\n    mlflow ui --backend-store-uri {uri}")
+    _print_mlflow(config, metrics)
     return 0
+
+
+def _print_mlflow(config, metrics: dict) -> None:
+    """The run's MLflow run, and how to open it in the UI."""
+    if not metrics.get("mlflow_run_id"):
+        return
+    from vilbert.train.tracking import default_uri, experiment_of, ui_hint
+
+    uri = config.tracking.uri or default_uri(config.output_dir)
+    print(f"MLflow run {metrics['mlflow_run_id']}; {ui_hint(uri, experiment_of(uri, metrics['mlflow_run_id']))}")
 
 
 def _finetune_config(args: argparse.Namespace):
@@ -72,6 +80,7 @@ def _finetune(args: argparse.Namespace) -> int:
     which = "the best checkpoint" if best else "the last step's: no validation metric"
     print(f"model ({which}): {config.output_dir}/model; metrics: {config.output_dir}/metrics.jsonl\n"
           f"evaluate it with: vilbert evaluate --task {args.task} --checkpoint {config.output_dir} --split val")
+    _print_mlflow(config, metrics)
     return 0
 
 

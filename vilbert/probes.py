@@ -105,7 +105,7 @@ def retrieval_ranks(score: Scorer, samples: list[dict], candidates: int = 100, q
 
 
 def recall_at(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    return {f"R@{k}": float((ranks <= k).mean()) for k in ks}
+    return {f"R{k}": float((ranks <= k).mean()) for k in ks}
 
 
 # --- the model as a predictor and a scorer --------------------------------------------------
@@ -164,7 +164,7 @@ def probe_model(model, samples: list[dict], *, retrieval_images: int = 100, retr
                 dtype=torch.float32) -> dict[str, float]:
     """Both probes of a pretraining model (or its DeepSpeed engine) on toy-world samples, as
     flat metrics: grounding/{colour,object}/{own,other,chance} on `samples` (none when empty),
-    zero_shot/R@{1,5,10} of the first `retrieval_images` of `retrieval_samples` (default:
+    zero_shot/R{1,5,10} of the first `retrieval_images` of `retrieval_samples` (default:
     `samples`), each against `candidates` captions (0: no retrieval)."""
     was_training = model.training
     model.eval()
@@ -178,7 +178,7 @@ def probe_model(model, samples: list[dict], *, retrieval_images: int = 100, retr
                                     samples if retrieval_samples is None else retrieval_samples, candidates,
                                     queries=retrieval_images)
             figures.update({f"zero_shot/{k}": v for k, v in recall_at(ranks).items()})
-            figures["zero_shot/chance_R@1"] = 1 / candidates
+            figures["zero_shot/chance_R1"] = 1 / candidates
     finally:
         model.train(was_training)
     return figures
@@ -189,8 +189,8 @@ def describe(figures: dict[str, float]) -> str:
     lines = [f"grounding, masked {kind}: {figures[f'grounding/{kind}/own']:.3f} with the image's own regions, "
              f"{figures[f'grounding/{kind}/other']:.3f} with another image's (chance "
              f"{figures[f'grounding/{kind}/chance']:.3f})" for kind in KINDS if f"grounding/{kind}/own" in figures]
-    if "zero_shot/R@1" in figures:
-        lines.append(f"zero-shot retrieval, own caption among {round(1 / figures['zero_shot/chance_R@1'])}: R@1 "
-                     f"{figures['zero_shot/R@1']:.3f} (chance {figures['zero_shot/chance_R@1']:.3f}), R@5 "
-                     f"{figures['zero_shot/R@5']:.3f}, R@10 {figures['zero_shot/R@10']:.3f}")
+    if "zero_shot/R1" in figures:
+        lines.append(f"zero-shot retrieval, own caption among {round(1 / figures['zero_shot/chance_R1'])}: R@1 "
+                     f"{figures['zero_shot/R1']:.3f} (chance {figures['zero_shot/chance_R1']:.3f}), R@5 "
+                     f"{figures['zero_shot/R5']:.3f}, R@10 {figures['zero_shot/R10']:.3f}")
     return "\n".join(lines)

@@ -79,12 +79,12 @@ def matching_words(image, captions):
 
 def test_retrieval_ranks_a_grounded_scorer_high_and_a_blind_one_at_chance(scenes):
     grounded = recall_at(retrieval_ranks(matching_words, scenes, candidates=100))
-    assert grounded["R@1"] > 10 / RETRIEVAL_CANDIDATES and grounded["R@10"] > 0.6, grounded
+    assert grounded["R1"] > 10 / RETRIEVAL_CANDIDATES and grounded["R10"] > 0.6, grounded
     constant = recall_at(retrieval_ranks(lambda image, captions: [0.0] * len(captions), scenes, candidates=100))
     rng = np.random.default_rng(0)
     noise = recall_at(retrieval_ranks(lambda image, captions: rng.normal(size=len(captions)), scenes, candidates=100))
     for blind_figures in (constant, noise):  # 150 queries at chance 0.01 / 0.05 / 0.10
-        assert blind_figures["R@1"] < 0.05 and 0.01 < blind_figures["R@5"] < 0.12, blind_figures
+        assert blind_figures["R1"] < 0.05 and 0.01 < blind_figures["R5"] < 0.12, blind_figures
 
 
 def test_retrieval_queries_and_candidates(scenes):
@@ -102,6 +102,6 @@ def test_retrieval_queries_and_candidates(scenes):
 
 def test_describe_names_every_figure(scenes):
     text = describe({**{f"grounding/{k}": v for k, v in grounding_probe(looking, scenes).items()},
-                     "zero_shot/R@1": 0.2, "zero_shot/R@5": 0.5, "zero_shot/R@10": 0.7,
-                     "zero_shot/chance_R@1": 0.01})
+                     "zero_shot/R1": 0.2, "zero_shot/R5": 0.5, "zero_shot/R10": 0.7,
+                     "zero_shot/chance_R1": 0.01})
     assert "masked colour" in text and "masked object" in text and "among 100: R@1 0.200 (chance 0.010)" in text

@@ -104,3 +104,31 @@ def test_mlflow_down_at_the_start_gets_the_whole_run_once_it_is_up(tmp_path, mon
     assert _history(tmp_path) == ([1, 2], None)
     assert pytest.approx(mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(
         tracking.read_state(tmp_path / "run")["run_id"]).data.metrics["train/loss"]) == 8.0
+
+
+def test_a_metric_name_mlflow_would_refuse_is_an_error_at_once(tmp_path):
+    tracker = _tracker(tmp_path)
+    with pytest.raises(ValueError, match=r"metric names MLflow refuses: \['val/zero_shot/R@1'\]"):
+        tracker.log_metrics({"val/zero_shot/R@1": 0.2, "val/zero_shot/R1": 0.2}, 1)
+    _log(tracker, [2])  # every name the project logs is one MLflow takes
+    tracker.finish()
+    assert _history(tmp_path)[0] == [2]
+
+
+def test_new_experiments_open_in_the_model_training_view_and_runs_nest_under_a_parent(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.open_experiment(uri, "kinds")
+    assert mlflow.MlflowClient(uri).get_experiment(experiment.experiment_id).tags[tracking.EXPERIMENT_KIND[0]] == \
+        "custom_model_development"
+    parent = mlflow.MlflowClient(uri).create_run(experiment.experiment_id).info.run_id
+    config = TrackingConfig(uri=uri, experiment="kinds", system_metrics=False, parent_run_id=parent,
+                            tags={"cell.seed": 3, "ablation.stage": "pretrain"}, params={"cell.seed": 3})
+    child = tracking.Tracker(config, tmp_path / "run", enabled=True)
+    child.start({"optim.lr": 1e-4, "tracking.tags.cell.seed": 3, "tracking.params.cell.seed": 3}, "cell/pretrain")
+    child.finish()
+    run = mlflow.MlflowClient(uri).get_run(tracking.read_state(tmp_path / "run")["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["cell.seed"] == "3"
+    assert run.data.params == {"optim.lr": "0.0001", "cell.seed": "3"}  # the cell's values once, by their own name
+    assert run.info.run_name == "cell/pretrain"

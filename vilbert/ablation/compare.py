@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, pstdev
@@ -58,6 +59,7 @@ def find_parent(client, experiment_id: str, parent_run_id: str | None):
 
 def read_outcomes(uri: str, experiment: str, parent_run_id: str | None = None) -> tuple[dict, list[Outcome], str]:
     """(the ablation's cells record, an Outcome per cell and stage, the parent run's id)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no progress bar
     import mlflow
 
     client = mlflow.MlflowClient(uri)

@@ -43,12 +43,12 @@ class Job:
 
     def tracking_args(self, ablation: Ablation, parent_run_id: str) -> list[str]:
         """The child run of the parent, named and tagged with the cell's values."""
+        values = {f"cell.{key}": str(value) for key, value in self.cell.values.items()}
         tags = {"ablation": ablation.name, "ablation.cell": self.cell.name, "ablation.stage": self.stage,
-                "ablation.pretrained": str(self.cell.pretrained).lower(),
-                **{f"cell.{key}": str(value) for key, value in self.cell.values.items()}}
+                "ablation.pretrained": str(self.cell.pretrained).lower(), **values}
         return [f"tracking.uri={ablation.uri}", f"tracking.experiment={ablation.experiment}",
                 f"tracking.parent_run_id={parent_run_id}", f"tracking.run_name={self.name}",
-                f"tracking.tags={json.dumps(tags)}"]
+                f"tracking.tags={json.dumps(tags)}", f"tracking.params={json.dumps(values)}"]
 
     def command(self, ablation: Ablation, parent_run_id: str) -> list[str]:
         """`vilbert ...` arguments of this job's next start."""

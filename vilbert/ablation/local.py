@@ -14,6 +14,7 @@ import time
 from vilbert.ablation.jobs import Job, describe, plan
 from vilbert.ablation.parent import close_parent, mark_failed, open_parent
 from vilbert.ablation.spec import Ablation
+from vilbert.train.tracking import experiment_of, ui_hint
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ def run_ablation(ablation: Ablation, dry_run: bool = False) -> list[str]:
     if dry_run:
         return []
     parent_run_id = open_parent(ablation)
-    print(f"MLflow: parent run {parent_run_id}, experiment {ablation.experiment!r} in {ablation.uri}", flush=True)
+    print(f"MLflow: parent run {parent_run_id}, experiment {ablation.experiment!r}; "
+          f"{ui_hint(ablation.uri, experiment_of(ablation.uri, parent_run_id), ablation.name)}", flush=True)
     failed: list[str] = []
     for number, job in enumerate(jobs, 1):
         if job.done():

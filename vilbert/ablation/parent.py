@@ -26,7 +26,7 @@ def open_parent(ablation: Ablation) -> str:
     """The parent run's id: this output directory's (continued), else a new run."""
     import mlflow
 
-    from vilbert.train.tracking import open_experiment
+    from vilbert.train.tracking import open_experiment, save_view
 
     state_path = ablation.output_dir / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
@@ -53,7 +53,20 @@ def open_parent(ablation: Ablation) -> str:
         os.replace(temporary, state_path)
     log_files(ablation, run_id, {ablation.source.name: ablation.source.read_text(),
                                  CELLS_ARTIFACT: json.dumps(cells_record(ablation), indent=1)})
+    save_view(ablation.uri, experiment.experiment_id, ablation.name, view_columns(ablation),  # its jobs, by job
+              search=f"tags.`ablation` = '{ablation.name}' and tags.`ablation.stage` LIKE '%'",  # and configuration:
+              group_by=[("tag", "ablation.stage")] + [("param", f"cell.{key}") for key in ablation.varied()])  # seeds
+    #                                                                                               averaged
     return run_id
+
+
+def view_columns(ablation: Ablation) -> list[str]:
+    """The runs table of the ablation's view: the cell's values, then each job's deciding
+    metric (a fine-tune's best validation metric, a pretraining's held-out alignment)."""
+    from vilbert.ablation.compare import PRETRAINING_METRIC, task_metric
+
+    metrics = [task_metric(task) for task in ablation.tasks] + [PRETRAINING_METRIC]
+    return [f"params.`cell.{key}`" for key in ablation.keys] + [f"metrics.`{m}`" for m in metrics]
 
 
 def log_files(ablation: Ablation, run_id: str, files: dict[str, str], artifact_path: str | None = None) -> None:

@@ -97,11 +97,12 @@ def _unreported_grad_norm(engine) -> torch.Tensor | float:
 
 
 def _data_counts(health) -> dict[str, int]:
-    """The training stream's bad and lost samples so far on this rank (summed over ranks when read)."""
+    """The training stream's bad and lost samples so far on this rank (summed over ranks when read);
+    under system/, which MLflow charts apart from the model's metrics."""
     if health is None:  # batches from a data factory (tests)
         return {}
     counts = health.totals()
-    return {"data/bad_samples": counts["bad"], "data/lost_samples": counts["lost"]}
+    return {"system/data_bad_samples": counts["bad"], "system/data_lost_samples": counts["lost"]}
 
 
 def _control_group(device_type: str):
@@ -247,11 +248,11 @@ class Trainer:
             checkpoint.export(self.checkpoints, model_dir, self.best["tag"] if self.best else None)
             self.tracker.log_artifacts(Path(config.output_dir) / "config.yaml")
             self.tracker.log_artifacts(model_dir, "model")
-        if metrics.get("data/bad_samples") or metrics.get("data/lost_samples"):
+        if metrics.get("system/data_bad_samples") or metrics.get("system/data_lost_samples"):
             log.warning("data: %d bad samples skipped, %d lost in damaged shards (all ranks; the warnings above name "
-                        "them; `python -m shards check` lists every problem)", metrics["data/bad_samples"],
-                        metrics["data/lost_samples"])
-        elif "data/bad_samples" in metrics:
+                        "them; `python -m shards check` lists every problem)", metrics["system/data_bad_samples"],
+                        metrics["system/data_lost_samples"])
+        elif "system/data_bad_samples" in metrics:
             log.info("data: no bad or lost samples")
         if self.best:
             best = self.best

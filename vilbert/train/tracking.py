@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -36,8 +37,9 @@ class TrackingConfig:
     experiment: str = "vilbert-pretraining"
     run_name: str = ""  # default: the output directory's name, the seed and the start time (default_run_name)
     parent_run_id: str = ""  # nest the run under this MLflow run (an ablation's parent run)
-    tags: dict[str, str] = field(default_factory=dict)  # set on the run as tags and as params (an ablation
-    #                                                      cell's values: filterable, and in MLflow's compare view)
+    tags: dict[str, str] = field(default_factory=dict)  # set on the run (an ablation's job: its cell and stage)
+    params: dict[str, str] = field(default_factory=dict)  # logged beside the config's (an ablation cell's values,
+    #                                                        so that MLflow's compare view plots them)
     log_every: int = positive(10)
     system_metrics: bool = True
     new_run: bool = False  # a resumed run continues its MLflow run; true: start a new one
@@ -51,10 +53,15 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3's UI: the model-training
 #                                                                          view (runs, charts), not GenAI's
+VIEW_TAG, DEFAULT_VIEW = "mlflow.sharedViewState.", "vilbert"  # an experiment tag holding a runs-table view
+DECIDING_METRICS = ("best/val/accuracy", "val/alignment_accuracy", "val/mlm_accuracy", "val/grounding/object/own",
+                    "val/grounding/colour/own", "val/zero_shot/R1", "train/loss")  # the runs table's columns, where
+#                                                                                   a run has them
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "tracking.json"  # {"run_id", "uri", "experiment", "slurm_jobs": {job id: restarts},
 #                                "mlflow_step": the last step MLflow has, "late_steps": steps sent late}
 MLFLOW_BATCH = 1000  # metrics per log_batch call (MLflow's limit)
+METRIC_NAME = re.compile(r"[\w\-. :/]+")  # what MLflow accepts: a name outside it fails the whole batch
 
 
 def default_uri(output_dir: str | Path) -> str:
@@ -67,6 +74,22 @@ def default_run_name(output_dir: str | Path, seed: int) -> str:
     return f"{Path(output_dir).name}-s{seed}-{time.strftime('%m%d-%H%M')}"
 
 
+def experiment_of(uri: str, run_id: str) -> str:
+    """The experiment id of a run ("0" where the store cannot say: MLflow's default experiment)."""
+    import mlflow
+
+    try:
+        return mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
+    except Exception:  # the store went away: the hint still names the command
+        return "0"
+
+
+def ui_hint(uri: str, experiment_id: str, view: str = "") -> str:
+    """How to look at an experiment: the `mlflow ui` command and the page to open."""
+    return (f"open the UI with:\n    mlflow ui --backend-store-uri {uri} --port 5000\n"
+            f"    then {view_url(experiment_id, view)}")
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -77,8 +100,8 @@ def git_commit() -> str:
 
 def open_experiment(uri: str, name: str):
     """Point mlflow at `uri` and make `name` the active experiment: created if missing (in a
-    SQLite store with its artifacts in `mlartifacts/` beside the database), and tagged to open
-    in MLflow's model-training view."""
+    SQLite store with its artifacts in `mlartifacts/` beside the database), tagged to open in
+    MLflow's model-training view, with the project's runs-table view (`view_url`)."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
@@ -88,7 +111,31 @@ def open_experiment(uri: str, name: str):
     experiment = mlflow.set_experiment(name)
     if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
         mlflow.set_experiment_tag(*EXPERIMENT_KIND)
+    if f"{VIEW_TAG}{DEFAULT_VIEW}" not in experiment.tags:
+        save_view(uri, experiment.experiment_id, DEFAULT_VIEW, [f"metrics.`{m}`" for m in DECIDING_METRICS])
     return experiment
+
+
+def save_view(uri: str, experiment_id: str, key: str, columns: list[str], search: str = "",
+              group_by: list[tuple[str, str]] = ()) -> None:
+    """A runs-table view of the experiment that `view_url(..., key)` opens: these columns
+    ("metrics.`val/loss`", "params.`seed`"), the runs `search` finds (MLflow's filter syntax),
+    grouped by these ("param" | "tag", name) with the groups' means, newest first, every run
+    in the charts."""
+    import mlflow
+
+    state = {"selectedColumns": columns, "searchFilter": search, "orderByKey": "attributes.start_time",
+             "orderByAsc": False, "runsHiddenMode": "SHOW_ALL",
+             "groupBy": {"aggregateFunction": "average", "groupByKeys": [
+                 {"mode": mode, "groupByData": name} for mode, name in group_by]} if group_by else None}
+    mlflow.MlflowClient(uri).set_experiment_tag(experiment_id, f"{VIEW_TAG}{key}", json.dumps(state))
+
+
+def view_url(experiment_id: str, key: str = "", server: str = "http://127.0.0.1:5000") -> str:
+    """The runs table of `mlflow ui`, in the model-training view (MLflow 3's sidebar switch
+    decides the view; the URL sets it), with a saved view's columns."""
+    return (f"{server}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={key or DEFAULT_VIEW}")
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:
@@ -208,8 +255,8 @@ class Tracker:
             self.run_id = run.info.run_id
             self._write_state(run_id=self.run_id)
             if not continued:
-                items = [(k, v) for k, v in params.items() if not k.startswith("tracking.tags.")]
-                items += list(self.config.tags.items())
+                items = [(k, v) for k, v in params.items() if not k.startswith(("tracking.tags.", "tracking.params."))]
+                items += list(self.config.params.items())
                 for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
                     mlflow.log_params({k: str(v)[:6000] for k, v in items[i:i + 100]})
             starts = int(mlflow.get_run(self.run_id).data.tags.get("starts", "0")) + 1
@@ -226,9 +273,13 @@ class Tracker:
             self._send()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Now to metrics.jsonl; to MLflow at the next `commit`."""
+        """Now to metrics.jsonl; to MLflow at the next `commit`. A name MLflow would refuse is
+        an error here, at its first step, not a run whose every metric MLflow refuses."""
         if not self.enabled:
             return
+        refused = [name for name in metrics if not METRIC_NAME.fullmatch(name)]
+        if refused:
+            raise ValueError(f"metric names MLflow refuses: {refused} (letters, digits, _ - . : / and spaces only)")
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self._jsonl.flush()
         self._pending.append((step, int(time.time() * 1000), metrics))
