@@ -136,11 +136,11 @@ class Benchmark:
         seconds = time.perf_counter() - began
         run(["-m", "vilbert", "evaluate", "--task", "vqa", "--checkpoint", str(run_dir), "--split", "val"],
             run_dir.with_suffix(".eval.log"))
-        best = last_metrics(run_dir, "best/")
+        best = last_metrics(run_dir, "val/best_")
         val_shards = ROOT / finetune_config()["eval"]["shards"]
         return self.record({"name": name, "seed": seed, "start": start_name, "seconds": seconds,
                             "resumed": start != ["--overwrite"],
-                            "accuracy": best["best/val/accuracy"], "step": best["best/step"],
+                            "accuracy": best["val/best_accuracy"], "step": best["val/best_step"],
                             **per_kind(run_dir, val_shards)})
 
 

@@ -74,9 +74,13 @@ def _finetune(args: argparse.Namespace) -> int:
     metrics = finetune(config, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":
         return 0
-    best = {k.removeprefix("best/"): v for k, v in metrics.items() if k.startswith("best/") and k != "best/step"}
+    from vilbert.tasks import task_class
+    from vilbert.train.objective import best_names
+
+    value_name, step_name = best_names(f"val/{task_class(args.task).val_metric}")
+    best = {value_name: metrics[value_name]} if value_name in metrics else {}
     for name, value in best.items():
-        print(f"\nbest {name}: {value:.4f} at step {int(metrics['best/step'])}")
+        print(f"\n{name}: {value:.4f} at step {int(metrics[step_name])}")
     which = "the best checkpoint" if best else "the last step's: no validation metric"
     print(f"model ({which}): {config.output_dir}/model; metrics: {config.output_dir}/metrics.jsonl\n"
           f"evaluate it with: vilbert evaluate --task {args.task} --checkpoint {config.output_dir} --split val")

@@ -75,7 +75,7 @@ def test_short_finetune_beats_the_untrained_model_and_keeps_the_best(finetuned):
     best = checkpoint.read_best(run / "checkpoints")
     assert best["value"] == max(evaluations.values()) and best["step"] == max(evaluations, key=evaluations.get)
     assert best["tag"] in checkpoint.complete_tags(run / "checkpoints")  # retention (keep_last=1) spared it
-    assert next(m for m in logged if "best/val/accuracy" in m)["best/val/accuracy"] == best["value"]
+    assert next(m for m in logged if "val/best_accuracy" in m)["val/best_accuracy"] == best["value"]
     untrained, one_answer = _untrained_accuracy(config_path)
     assert best["value"] > untrained + 0.1, (untrained, evaluations)
     assert best["value"] > one_answer + 0.1, (one_answer, evaluations)  # it answers from the question at least
@@ -104,7 +104,7 @@ def test_evaluation_sees_every_question_once_across_two_ranks(finetuned, toy_vqa
     # The best model's accuracy, as the run measured it during training.
     accuracy = float(next(line for line in done.stdout.splitlines() if line.startswith("val accuracy:")).split()[-1])
     assert accuracy == pytest.approx(checkpoint.read_best(run / "checkpoints")["value"], abs=0.01)
-    # ... and in the run's MLflow run, beside the training's own val/ and best/ metrics.
+    # ... and in the run's MLflow run, beside the training's own val/ metrics and its best.
     import mlflow
 
     state = json.loads((run / "tracking.json").read_text())
@@ -112,7 +112,7 @@ def test_evaluation_sees_every_question_once_across_two_ranks(finetuned, toy_vqa
     at_best = [m.value for m in client.get_metric_history(state["run_id"], "val/accuracy") if m.step == best_step]
     assert len(at_best) == 2 and at_best == pytest.approx([accuracy] * 2, abs=0.01)  # the training's and ours
     logged = client.get_run(state["run_id"]).data
-    assert "best/val/accuracy" in logged.metrics and logged.tags["val.split"] == str(toy_vqa / "val")
+    assert "val/best_accuracy" in logged.metrics and logged.tags["val.split"] == str(toy_vqa / "val")
     # A checkpoint by tag (rebuilt from the DeepSpeed checkpoint), on one rank as in training: the same, exactly.
     best = checkpoint.read_best(run / "checkpoints")
     tagged = _vilbert("evaluate", "--task", "vqa", "--checkpoint", str(run), "--split", "val", "--out",

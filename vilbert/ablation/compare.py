@@ -1,7 +1,7 @@
 """`vilbert compare`: an ablation's results, read back from the tracking store, as the paper's
 tables (Markdown and CSV) and plots (PNG).
 
-Each fine-tune's figure is the metric that picked its best checkpoint (`best/val/<the task's
+Each fine-tune's figure is the metric that picked its best checkpoint (`val/best_<the task's
 val_metric>`); each pretraining's is its held-out alignment accuracy. Seeds are averaged
 (mean ± population spread, and how many). A job that failed, is still running or never ran
 shows as such, never as a number. The tables:
@@ -42,8 +42,9 @@ class Outcome:
 
 def task_metric(task: str) -> str:
     from vilbert.tasks import task_class
+    from vilbert.train.objective import best_names
 
-    return f"best/val/{task_class(task).val_metric}"
+    return best_names(f"val/{task_class(task).val_metric}")[0]
 
 
 def find_parent(client, experiment_id: str, parent_run_id: str | None):

@@ -33,7 +33,7 @@ from vilbert.train.config import TrainConfig, check_inputs
 from vilbert.train.distributed import is_collective_failure, slurm_job
 from vilbert.train.heartbeat import Heartbeat
 from vilbert.train.interrupt import TrainingInterrupted, stop_request
-from vilbert.train.objective import Objective
+from vilbert.train.objective import Objective, best_names
 from vilbert.train.optim import build_optimizer, retarget_schedule, warmup_linear_decay
 from vilbert.train.runtime import Runtime, start_runtime
 from vilbert.train.step_metrics import StepMetrics
@@ -57,7 +57,7 @@ def pretrain(config: TrainConfig, resume: str = "none", overwrite: bool = False,
 
 def finetune(config: TrainConfig, resume: str = "none", overwrite: bool = False) -> dict[str, float]:
     """Fine-tune on `config.task` (as `pretrain` otherwise); the returned metrics include
-    the best validation metric (`best/...`) and its step."""
+    the best validation metric and its step (`objective.best_names`)."""
     from vilbert.train.finetuning import FinetuningObjective
 
     return train(config, lambda env: FinetuningObjective(config, env), resume, overwrite)
@@ -256,7 +256,8 @@ class Trainer:
             log.info("data: no bad or lost samples")
         if self.best:
             best = self.best
-            summary = {f"best/{best['metric']}": best["value"], "best/step": best["step"]}
+            value_name, step_name = best_names(best["metric"])
+            summary = {value_name: best["value"], step_name: best["step"]}
             self.tracker.log_metrics(summary, self.state["step"])
             self.tracker.commit()
             metrics.update(summary)

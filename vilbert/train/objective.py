@@ -22,6 +22,15 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+def best_names(metric: str) -> tuple[str, str]:
+    """The names of the run-end summary of the best checkpoint: `val/accuracy` ->
+    (`val/best_accuracy`, `val/best_step`). Beside the metric itself in MLflow's charts, whose
+    sections follow the names' prefixes (a `best/` prefix would come before `train/`)."""
+    split, _, name = metric.rpartition("/")
+    prefix = f"{split}/" if split else ""
+    return f"{prefix}best_{name}", f"{prefix}best_step"
+
+
 @dataclass
 class EvalConfig:
     shards: str = ""  # held-out shard set; empty: no evaluation

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3's UI: the model-training
 #                                                                          view (runs, charts), not GenAI's
 VIEW_TAG, DEFAULT_VIEW = "mlflow.sharedViewState.", "vilbert"  # an experiment tag holding a runs-table view
-DECIDING_METRICS = ("best/val/accuracy", "val/alignment_accuracy", "val/mlm_accuracy", "val/grounding/object/own",
+DECIDING_METRICS = ("val/best_accuracy", "val/alignment_accuracy", "val/mlm_accuracy", "val/grounding/object/own",
                     "val/grounding/colour/own", "val/zero_shot/R1", "train/loss")  # the runs table's columns, where
 #                                                                                   a run has them
 METRICS_FILE = "metrics.jsonl"
