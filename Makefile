@@ -7,7 +7,7 @@ TOY_VAL_IMAGES ?= 1000
 ARGS ?=  # dotted overrides for the demo's run (tests/integration/test_docs.py runs it small)
 TOYVQA := runs/toyvqa
 
-.PHONY: install demo toy-vqa toy-vqa-demo lint test bench
+.PHONY: install demo toy-vqa toy-vqa-demo toy-ablation lint test bench
 
 # torch first, and only when absent: 2.13.0 is a CPU build here; GPU boxes bring their own.
 install:
@@ -29,6 +29,12 @@ toy-vqa-demo: toy-vqa
 	@test -f runs/toy/model/config.json || { echo "no pretrained model in runs/toy/model: run make demo first"; exit 1; }
 	$(PY) -m vilbert finetune --task vqa --config configs/toy_vqa.yaml --overwrite
 	$(PY) -m vilbert evaluate --task vqa --checkpoint runs/toy-vqa --split val
+
+# The paper's ablations on the toy world (docs/ablations.md): 24 cells, each pretrained and
+# fine-tuned on toy VQA, one after another; rerun to continue. Tables in runs/ablations/paper_toy/compare.
+toy-ablation: toy-vqa
+	@test -f $(TOY)/train/index.json || $(PY) -m shards toyworld --out $(TOY) --images $(TOY_IMAGES) --val-images $(TOY_VAL_IMAGES) --feature-dim 256
+	$(PY) -m vilbert ablate configs/ablations/paper_toy.yaml
 
 lint: install
 	$(PY) -m ruff check .

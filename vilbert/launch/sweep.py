@@ -2,12 +2,13 @@
 
 The jobs still to do (`vilbert.ablation.jobs`) go out as: the pretraining cells as one
 array; each cell's fine-tunes as an array that starts after its pretraining succeeded
-(`--dependency=afterok:<array>_<index>`; none where the pretraining is already done or the
-cell has none); and a last job, after all of them whatever their outcome (`afterany`), that
-closes the parent MLflow run and writes `vilbert compare`'s tables. Every job is the same
-`VilbertJob` as `launch/slurm.py pretrain`'s, with its cluster options, so preemption,
-requeue and resume work as for any job. Resubmitting the same file skips what is done and
-resumes what stopped part way.
+(`--dependency=afterok:<array>_<index>`, with `--kill-on-invalid-dep=yes` so that a failed
+pretraining cancels them; none where the pretraining is already done or the cell has none);
+and a last job, after all of them whatever their outcome (`afterany`), that closes the
+parent MLflow run and writes `vilbert compare`'s tables. Every job is the same `VilbertJob`
+as `launch/slurm.py pretrain`'s, with its cluster options, so preemption, requeue and resume
+work as for any job. Resubmitting the same file skips what is done and resumes what stopped
+part way.
 """
 
 from __future__ import annotations
@@ -92,8 +93,12 @@ def submit_sweep(ablation: Ablation, options: ClusterOptions, dry_run: bool) -> 
     submitted: dict[str, str] = {}  # job name -> SLURM job id (<array>_<index>)
     for group in groups:
         executor = build_executor(options)
-        dependency = {"dependency": "afterok:" + ":".join(submitted[j.name] for j in group.after)} \
-            if group.after else {}
+        dependency = {}
+        if group.after:  # a failed pretraining cancels its fine-tunes (else they would wait forever, and the
+            #              tables' job, which waits for every job, too)
+            dependency = {"dependency": "afterok:" + ":".join(submitted[j.name] for j in group.after),
+                          "additional_parameters": {**executor.parameters["additional_parameters"],
+                                                    "kill_on_invalid_dep": "yes"}}
         executor.update_parameters(job_name=f"{options.job_name}-{ablation.name}", **dependency)
         with executor.batch():
             handles = [executor.submit(VilbertJob(job.command(ablation, parent_run_id), resumable=True,
