@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, pstdev
 
-from vilbert.ablation.jobs import PRETRAIN
+from vilbert.ablation.jobs import PRETRAIN, deciding_metric
 from vilbert.ablation.parent import CELLS_ARTIFACT, ROLE_TAG
 from vilbert.ablation.spec import NO_PRETRAINING, SEED, Cell
 
-PRETRAINING_METRIC = "val/alignment_accuracy"
 FINISHED, FAILED, RUNNING, MISSING, BLOCKED = "finished", "failed", "running", "missing", "not run"
 
 
@@ -38,13 +37,6 @@ class Outcome:
     stage: str  # PRETRAIN or a task
     status: str
     value: float | None = None
-
-
-def task_metric(task: str) -> str:
-    from vilbert.tasks import task_class
-    from vilbert.train.objective import best_names
-
-    return best_names(f"val/{task_class(task).val_metric}")[0]
 
 
 def find_parent(client, experiment_id: str, parent_run_id: str | None):
@@ -80,7 +72,7 @@ def read_outcomes(uri: str, experiment: str, parent_run_id: str | None = None) -
         stages = ([PRETRAIN] if cell.pretrained else []) + record["tasks"]
         for stage in stages:
             run = runs.get((cell.name, stage))
-            metric = PRETRAINING_METRIC if stage == PRETRAIN else task_metric(stage)
+            metric = deciding_metric(stage)
             if run is not None and run.info.status == "FINISHED" and metric in run.data.metrics:
                 outcomes.append(Outcome(cell, stage, FINISHED, run.data.metrics[metric]))
             elif (run is not None and run.info.status in ("FAILED", "KILLED")) or f"{cell.name}/{stage}" in failed:
@@ -125,7 +117,9 @@ def _stages(record: dict, outcomes: list[Outcome]) -> list[str]:
 
 
 def _column(stage: str) -> str:
-    return "pretraining: held-out alignment" if stage == PRETRAIN else f"{stage}: {task_metric(stage).split('/')[-1]}"
+    if stage == PRETRAIN:
+        return "pretraining: held-out alignment"
+    return f"{stage}: {deciding_metric(stage).split('/')[-1]}"
 
 
 def _group(outcomes: list[Outcome], stage: str, keep) -> list[Outcome]:
@@ -181,7 +175,7 @@ def csv_text(record: dict, outcomes: list[Outcome]) -> str:
     writer = csv.writer(out)
     writer.writerow([*keys, "stage", "metric", "status", "value"])
     for o in outcomes:
-        metric = PRETRAINING_METRIC if o.stage == PRETRAIN else task_metric(o.stage)
+        metric = deciding_metric(o.stage)
         writer.writerow([*[_shown(o.cell.values.get(k, "")) for k in keys], o.stage, metric, o.status,
                          "" if o.value is None else f"{o.value:.6f}"])
     return out.getvalue()

@@ -17,6 +17,18 @@ from pathlib import Path
 from vilbert.ablation.spec import Ablation, Cell
 
 PRETRAIN = "pretrain"  # a job's stage: pretraining, else the task's name
+PRETRAINING_METRIC = "val/alignment_accuracy"  # what a pretraining job is compared by
+
+
+def deciding_metric(stage: str) -> str:
+    """The metric a job of `stage` is compared by: a pretraining's held-out alignment, a
+    fine-tune's best validation metric (the one that picked its exported checkpoint)."""
+    if stage == PRETRAIN:
+        return PRETRAINING_METRIC
+    from vilbert.tasks import task_class
+    from vilbert.train.objective import best_names
+
+    return best_names(f"val/{task_class(stage).val_metric}")[0]
 
 
 @dataclass(frozen=True)

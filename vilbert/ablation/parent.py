@@ -63,9 +63,9 @@ def open_parent(ablation: Ablation) -> str:
 def view_columns(ablation: Ablation) -> list[str]:
     """The runs table of the ablation's view: the cell's values, then each job's deciding
     metric (a fine-tune's best validation metric, a pretraining's held-out alignment)."""
-    from vilbert.ablation.compare import PRETRAINING_METRIC, task_metric
+    from vilbert.ablation.jobs import PRETRAIN, deciding_metric
 
-    metrics = [task_metric(task) for task in ablation.tasks] + [PRETRAINING_METRIC]
+    metrics = [deciding_metric(stage) for stage in [*ablation.tasks, PRETRAIN]]
     return [f"params.`cell.{key}`" for key in ablation.keys] + [f"metrics.`{m}`" for m in metrics]
 
 

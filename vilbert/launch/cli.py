@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from vilbert.launch.submit import BACKENDS, ClusterOptions, backend, sbatch_script, submit
+from vilbert.launch.submit import ClusterOptions, add_cluster_options, backend, sbatch_script, submit
 
 MANAGE = ("status", "tail", "cancel")
 
@@ -56,42 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
                                         "status / tail / cancel JOB, or sweep FILE (an ablation)")
     add_cluster_options(parser)
     return parser
-
-
-def add_cluster_options(parser: argparse.ArgumentParser) -> None:
-    """Where a job runs and how big it is, and the job's own options (every job of a sweep too)."""
-    where = parser.add_argument_group("where and how big")
-    where.add_argument("--cluster", choices=list(BACKENDS), default="slurm",
-                       help="submitit executor: " + ", ".join(f"{name} ({b.help})" for name, b in BACKENDS.items())
-                            + " [slurm]")
-    where.add_argument("--nodes", type=int, default=1, help="nodes [1]")
-    where.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one task each [0: CPU nodes]")
-    where.add_argument("--tasks-per-node", type=int, default=1, help="tasks per node on CPU nodes [1]")
-    where.add_argument("--cpus-per-task", type=int, help="CPU cores per task (data workers + 1 or more)")
-    where.add_argument("--mem", help="memory per node, as sbatch takes it (e.g. 480G)")
-    where.add_argument("--time", default="60", help="time limit per job: minutes, HH:MM:SS or D-HH:MM:SS [60]")
-    where.add_argument("--partition", help="SLURM partition")
-    where.add_argument("--account", help="SLURM account")
-    where.add_argument("--qos", help="SLURM quality of service")
-    where.add_argument("--constraint", help="node features, e.g. a100")
-    where.add_argument("--exclude", help="nodes to avoid")
-    where.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
-                       help="any other sbatch option, e.g. --sbatch mail-type=END (repeatable)")
-    job = parser.add_argument_group("the job")
-    job.add_argument("--job-name", default="vilbert", help="[vilbert]")
-    job.add_argument("--log-dir", default="runs/slurm",
-                     help="submitit's folder: scripts, pickles and per-task logs in LOG_DIR/JOB/ [runs/slurm]")
-    job.add_argument("--max-requeues", type=int, default=3,
-                     help="requeues at time limits and preemptions before the job gives up [3]")
-    job.add_argument("--signal-delay", type=int, default=90,
-                     help="seconds before the time limit that SLURM sends USR2 [90]")
-    job.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
-                     help="pass an environment variable to every task (beside MLFLOW_*, NCCL_*, HF_*, PYTHONPATH, "
-                          "cache directories; names with PASSWORD, TOKEN, SECRET or _KEY travel only through "
-                          "SLURM's own export)")
-    job.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
-    job.add_argument("--wait", action="store_true",
-                     help="wait for the job to end (always where jobs are not queued: --cluster local, debug)")
 
 
 def _manage(argv: list[str]) -> int:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from vilbert.ablation.jobs import PRETRAIN, Job, plan
 from vilbert.ablation.spec import Ablation, load_ablation
 from vilbert.launch.job import VilbertJob
-from vilbert.launch.submit import ClusterOptions, build_executor
+from vilbert.launch.submit import ClusterOptions, add_cluster_options, build_executor
 
 
 @dataclass
@@ -116,8 +116,6 @@ def submit_sweep(ablation: Ablation, options: ClusterOptions, dry_run: bool) -> 
 
 
 def main(argv: list[str]) -> int:
-    from vilbert.launch.cli import add_cluster_options
-
     parser = argparse.ArgumentParser(prog="launch/slurm.py sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("file", help="an ablation file, e.g. configs/ablations/paper.yaml")
