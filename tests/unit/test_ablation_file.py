@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from vilbert.ablation.compare import FAILED, FINISHED, MISSING, Outcome, summary, tables
-from vilbert.ablation.jobs import PRETRAIN, plan
+from vilbert.ablation.jobs import PRETRAIN, describe, plan
 from vilbert.ablation.spec import Cell, load_ablation
 from vilbert.config_schema import ConfigError
 
@@ -45,6 +45,15 @@ def test_fraction_zero_has_no_pretraining_and_model_keys_and_seed_reach_the_fine
     tracking = finetune.tracking_args(ablation, "PARENT")
     assert "tracking.parent_run_id=PARENT" in tracking and f"tracking.uri={ablation.uri}" in tracking
     assert finetune.start_args() == ["--overwrite"] and not finetune.done()
+    # a job stopped part way resumes from its checkpoint; one that exported its model is done
+    from vilbert.train import checkpoint
+
+    (pretraining.run_dir / "checkpoints" / checkpoint.tag_for(300)).mkdir(parents=True)
+    (pretraining.run_dir / "checkpoints" / checkpoint.tag_for(300) / checkpoint.MARKER).write_text("{}")
+    assert pretraining.start_args() == ["--resume", "auto"] and not pretraining.done()
+    (pretraining.run_dir / "model").mkdir()
+    (pretraining.run_dir / "model" / "config.json").write_text("{}")
+    assert pretraining.done() and "done" in describe([pretraining]) and "to run" in describe([finetune])
 
 
 @pytest.mark.parametrize("spec, message", [
