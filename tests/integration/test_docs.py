@@ -136,7 +136,7 @@ def test_the_readme_commands(scratch):
             if not any(command.startswith(skipped) for skipped in NOT_RUN):
                 run_small(command, cwd, env)
                 ran.append(command.split()[0])
-    assert ran == ["make", "python", "deepspeed", "mlflow"]  # the demo, SLURM, one node, MLflow
+    assert ran == ["make", "python", "deepspeed", "mlflow", "vilbert"]  # the demo, SLURM, one node, MLflow, ablation
 
 
 @pytest.mark.parametrize("page", PAGES)
