@@ -56,16 +56,10 @@ class Cell:
         return re.sub(r"[^A-Za-z0-9=,._-]", "_", ",".join(parts)) or "base"
 
     def pretraining_overrides(self) -> list[str]:
-        values = dict(self.values)
-        if SEED in values:
-            values.setdefault("data.seed", values[SEED])
-        return [f"{key}={_yaml(value)}" for key, value in values.items()]
+        return _overrides(self.values)
 
     def finetuning_overrides(self) -> list[str]:
-        carried = {key: value for key, value in self.values.items() if key.startswith(CARRIED_TO_FINETUNING)}
-        if SEED in carried:
-            carried["data.seed"] = carried[SEED]
-        return [f"{key}={_yaml(value)}" for key, value in carried.items()]
+        return _overrides({key: value for key, value in self.values.items() if key.startswith(CARRIED_TO_FINETUNING)})
 
     def without(self, key: str) -> tuple:
         return tuple(sorted((k, repr(v)) for k, v in self.values.items() if k != key))
@@ -125,6 +119,14 @@ class Ablation:
         return ["finetune", "--task", task, "--config", run.config,
                 *[f"{k}={_yaml(v)}" for k, v in run.overrides.items()], *cell.finetuning_overrides(),
                 f"model.init={init}", f"output_dir={self.run_dir(cell, task)}"]
+
+
+def _overrides(values: dict[str, Any]) -> list[str]:
+    """`key=value` overrides of a cell's values; `seed` also seeds the data order (`data.seed`),
+    unless the cell sets that itself."""
+    if SEED in values:
+        values = {"data.seed": values[SEED], **values}
+    return [f"{key}={_yaml(value)}" for key, value in values.items()]
 
 
 def _yaml(value: Any) -> str:
