@@ -113,6 +113,7 @@ def test_evaluation_sees_every_question_once_across_two_ranks(finetuned, toy_vqa
     assert len(at_best) == 2 and at_best == pytest.approx([accuracy] * 2, abs=0.01)  # the training's and ours
     logged = client.get_run(state["run_id"]).data
     assert "val/best_accuracy" in logged.metrics and logged.tags["val.split"] == str(toy_vqa / "val")
+    assert logged.tags["val.metric_version"] == "official vqaEval.py, 2021 version"  # which one the result used
     # A checkpoint by tag (rebuilt from the DeepSpeed checkpoint), on one rank as in training: the same, exactly.
     best = checkpoint.read_best(run / "checkpoints")
     tagged = _vilbert("evaluate", "--task", "vqa", "--checkpoint", str(run), "--split", "val", "--out",

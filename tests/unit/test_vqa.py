@@ -41,23 +41,49 @@ def test_leave_one_out_average(humans, expected):
     ("none", "0"),
     ("the dog", "dog"),  # articles go
     ("a cat", "cat"),
-    ("dont", "don’t"),  # contractions get their apostrophe (a curly one, as the official table)
+    ("dont", "don't"),  # contractions get their apostrophe
     (" red\tcar\n", "red car"),  # tabs and newlines are spaces; ends stripped
 ])
 def test_prediction_normalisation(prediction, normalised):
     assert process_digit_article(process_punctuation(
         prediction.replace("\n", " ").replace("\t", " ").strip())) == normalised
-    assert vqa_accuracy([normalised] * 10, prediction) == 1.0
+    assert vqa_accuracy([normalised] * 9 + ["other"], prediction) == 1.0  # answers differ: all normalised
+    assert vqa_accuracy([normalised] * 10, prediction, evaluation="2017") == 1.0  # 2017: the prediction always
 
 
-def test_human_answers_lose_only_punctuation_and_only_when_they_differ():
-    """The official script's asymmetry: human answers are never digit/article-normalised, and
-    are punctuation-processed only when the ten are not all the same."""
-    assert vqa_accuracy(["two"] * 10, "two") == 0.0  # the prediction becomes "2", the humans stay "two"
-    assert vqa_accuracy(["two"] * 5 + ["2"] * 5, "two") == 1.0  # five humans said "2"
-    assert vqa_accuracy(["black/white"] * 10, "black white") == 0.0  # all equal: left as they are
-    assert vqa_accuracy(["black/white"] * 9 + ["gray"], "black white") == 1.0  # differ: "/" -> " "
-    assert vqa_accuracy(["yes!"] * 9 + ["no"], "yes") == 0.0  # "yes!" -> "yes " (a trailing space stays)
+# --- the two versions of the official script, on the cases where they disagree -------------
+@pytest.mark.parametrize("answers, prediction, current, before_2021", [
+    (["yes"] * 10, "yes?", 0.0, 1.0),  # ten equal answers: since 2021 nothing is normalised
+    (["dog"] * 10, "the dog", 0.0, 1.0),  # ... not even the article
+    (["two"] * 10, "two", 1.0, 0.0),  # 2017: the prediction becomes "2", the ten humans stay "two"
+    (["two"] * 9 + ["three"], "2", 1.0, 0.0),  # answers differ: since 2021 they are normalised too
+    ([" red"] * 10, "red", 1.0, 0.0),  # outer spaces: since 2021 stripped from the answers as well
+    (["black/white"] * 10, "black white", 0.0, 0.0),  # both: ten equal answers keep their "/"
+    (["black/white"] * 9 + ["gray"], "black white", 1.0, 1.0),  # both: they differ, "/" -> " "
+    (["yes!"] * 9 + ["no"], "yes", 1.0, 0.0),  # 2017: "yes!" -> "yes " keeps its space; since 2021 "yes"
+])
+def test_current_and_2017_official_evaluation(answers, prediction, current, before_2021):
+    assert vqa_accuracy(answers, prediction) == pytest.approx(current)  # the default: the current script
+    assert vqa_accuracy(answers, prediction, evaluation="2021") == pytest.approx(current)
+    assert vqa_accuracy(answers, prediction, evaluation="2017") == pytest.approx(before_2021)
+
+
+def test_unknown_evaluation_version_is_refused(tmp_path):
+    from shards.toyvqa import write_toy_vqa
+    from vilbert.data import ShardIndex
+    from vilbert.tasks.vqa import VQA, VQAOptions
+
+    with pytest.raises(ValueError, match="2021"):
+        vqa_accuracy(["yes"] * 10, "yes", evaluation="2019")
+    write_toy_vqa(tmp_path, 8, 4, feature_dim=16)
+    with pytest.raises(ValueError, match=r"task.evaluation='2019'"):
+        VQA(VQAOptions(evaluation="2019"), ShardIndex.read(tmp_path / "train"))
+    # The task scores with the version it is given: ten answers with a leading space match only since 2021.
+    records = [({"answers": [" " + VQA(VQAOptions(), ShardIndex.read(tmp_path / "train")).answers[0]] * 10,
+                 "answer_type": "other"}, 0)]
+    for evaluation, accuracy in (("2021", 1.0), ("2017", 0.0)):
+        task = VQA(VQAOptions(evaluation=evaluation), ShardIndex.read(tmp_path / "train"))
+        assert task.evaluate(records)["accuracy"] == accuracy
 
 
 def test_answer_vocabulary_counts_questions_per_normalised_answer():

@@ -56,6 +56,11 @@ class Task:
     def __init__(self, options, index: ShardIndex, tokenizer_path: str | None = None):
         self.options, self.index = options, index
 
+    @property
+    def metric_version(self) -> str:
+        """Which version of an official metric `evaluate` follows, where it has several ("" if not)."""
+        return ""
+
     def model_overrides(self) -> dict:
         """`ViLBERTConfig` fields the task's head needs (e.g. the answer count)."""
         return {}

@@ -40,28 +40,28 @@ _PERIOD_SUBSTITUTIONS = re.UNICODE  # sic: the official call passes re.UNICODE (
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
-# Its contractions table, as written there (curly apostrophes in most values, and keys with
-# capitals that never match after lower-casing), one "key value" pair per entry.
+# Its contractions table as written there since 2016 (straight apostrophes; keys with capitals
+# never match after lower-casing), one "key value" pair per entry.
 _CONTRACTIONS = dict(pair.split(" ") for pair in """\
-aint ain't|arent aren't|cant can't|couldve could've|couldnt couldn't|couldn'tve couldn’t’ve|couldnt’ve couldn’t’ve|\
-didnt didn’t|doesnt doesn’t|dont don’t|hadnt hadn’t|hadnt’ve hadn’t’ve|hadn'tve hadn’t’ve|hasnt hasn’t|\
-havent haven’t|hed he’d|hed’ve he’d’ve|he’dve he’d’ve|hes he’s|howd how’d|howll how’ll|hows how’s|Id’ve I’d’ve|\
-I’dve I’d’ve|Im I’m|Ive I’ve|isnt isn’t|itd it’d|itd’ve it’d’ve|it’dve it’d’ve|itll it’ll|let’s let’s|\
-maam ma’am|mightnt mightn’t|mightnt’ve mightn’t’ve|mightn’tve mightn’t’ve|mightve might’ve|mustnt mustn’t|\
-mustve must’ve|neednt needn’t|notve not’ve|oclock o’clock|oughtnt oughtn’t|ow’s’at ’ow’s’at|’ows’at ’ow’s’at|\
-’ow’sat ’ow’s’at|shant shan’t|shed’ve she’d’ve|she’dve she’d’ve|she’s she’s|shouldve should’ve|\
-shouldnt shouldn’t|shouldnt’ve shouldn’t’ve|shouldn’tve shouldn’t’ve|somebody’d somebodyd|\
-somebodyd’ve somebody’d’ve|somebody’dve somebody’d’ve|somebodyll somebody’ll|somebodys somebody’s|\
-someoned someone’d|someoned’ve someone’d’ve|someone’dve someone’d’ve|someonell someone’ll|someones someone’s|\
-somethingd something’d|somethingd’ve something’d’ve|something’dve something’d’ve|somethingll something’ll|\
-thats that’s|thered there’d|thered’ve there’d’ve|there’dve there’d’ve|therere there’re|theres there’s|\
-theyd they’d|theyd’ve they’d’ve|they’dve they’d’ve|theyll they’ll|theyre they’re|theyve they’ve|twas ’twas|\
-wasnt wasn’t|wed’ve we’d’ve|we’dve we’d’ve|weve we've|werent weren’t|whatll what’ll|whatre what’re|\
-whats what’s|whatve what’ve|whens when’s|whered where’d|wheres where's|whereve where’ve|whod who’d|\
-whod’ve who’d’ve|who’dve who’d’ve|wholl who’ll|whos who’s|whove who've|whyll why’ll|whyre why’re|whys why’s|\
-wont won’t|wouldve would’ve|wouldnt wouldn’t|wouldnt’ve wouldn’t’ve|wouldn’tve wouldn’t’ve|yall y’all|\
-yall’ll y’all’ll|y’allll y’all’ll|yall’d’ve y’all’d’ve|y’alld’ve y’all’d’ve|y’all’dve y’all’d’ve|youd you’d|\
-youd’ve you’d’ve|you’dve you’d’ve|youll you’ll|youre you’re|youve you’ve""".split("|"))
+aint ain't|arent aren't|cant can't|couldve could've|couldnt couldn't|couldn'tve couldn't've|couldnt've couldn't've|\
+didnt didn't|doesnt doesn't|dont don't|hadnt hadn't|hadnt've hadn't've|hadn'tve hadn't've|hasnt hasn't|\
+havent haven't|hed he'd|hed've he'd've|he'dve he'd've|hes he's|howd how'd|howll how'll|hows how's|Id've I'd've|\
+I'dve I'd've|Im I'm|Ive I've|isnt isn't|itd it'd|itd've it'd've|it'dve it'd've|itll it'll|let's let's|\
+maam ma'am|mightnt mightn't|mightnt've mightn't've|mightn'tve mightn't've|mightve might've|mustnt mustn't|\
+mustve must've|neednt needn't|notve not've|oclock o'clock|oughtnt oughtn't|ow's'at 'ow's'at|'ows'at 'ow's'at|\
+'ow'sat 'ow's'at|shant shan't|shed've she'd've|she'dve she'd've|she's she's|shouldve should've|\
+shouldnt shouldn't|shouldnt've shouldn't've|shouldn'tve shouldn't've|somebody'd somebodyd|\
+somebodyd've somebody'd've|somebody'dve somebody'd've|somebodyll somebody'll|somebodys somebody's|\
+someoned someone'd|someoned've someone'd've|someone'dve someone'd've|someonell someone'll|someones someone's|\
+somethingd something'd|somethingd've something'd've|something'dve something'd've|somethingll something'll|\
+thats that's|thered there'd|thered've there'd've|there'dve there'd've|therere there're|theres there's|\
+theyd they'd|theyd've they'd've|they'dve they'd've|theyll they'll|theyre they're|theyve they've|twas 'twas|\
+wasnt wasn't|wed've we'd've|we'dve we'd've|weve we've|werent weren't|whatll what'll|whatre what're|\
+whats what's|whatve what've|whens when's|whered where'd|wheres where's|whereve where've|whod who'd|\
+whod've who'd've|who'dve who'd've|wholl who'll|whos who's|whove who've|whyll why'll|whyre why're|whys why's|\
+wont won't|wouldve would've|wouldnt wouldn't|wouldnt've wouldn't've|wouldn'tve wouldn't've|yall y'all|\
+yall'll y'all'll|y'allll y'all'll|yall'd've y'all'd've|y'alld've y'all'd've|y'all'dve y'all'd've|youd you'd|\
+youd've you'd've|you'dve you'd've|youll you'll|youre you're|youve you've""".split("|"))
 
 
 def process_punctuation(text: str) -> str:
@@ -80,15 +80,36 @@ def process_digit_article(text: str) -> str:
     return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
-def vqa_accuracy(answers: list[str], prediction: str) -> float:
+CURRENT, BEFORE_2021 = "2021", "2017"  # versions of the official script: since its 2021 fix, and before it
+EVALUATIONS = (CURRENT, BEFORE_2021)
+
+
+def _whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def vqa_accuracy(answers: list[str], prediction: str, evaluation: str = CURRENT) -> float:
     """The official VQA accuracy of `prediction` against the human `answers` (10 of them):
-    min(#matching humans / 3, 1) averaged over the leave-one-out subsets. As the official
-    script: the prediction is fully normalised; the human answers only lose punctuation,
-    and only when they are not all the same."""
-    prediction = prediction.replace("\n", " ").replace("\t", " ").strip()
-    prediction = process_digit_article(process_punctuation(prediction))
-    if len(set(answers)) > 1:
-        answers = [process_punctuation(a) for a in answers]
+    min(#other humans matching / 3, 1) averaged over the leave-one-out subsets.
+
+    The answer processing follows the official script's `evaluation` version. "2021" (its
+    current one, "Fixed processing answers bug"): newlines, tabs and outer spaces go from the
+    prediction and the answers always; punctuation and digit/article normalisation apply to
+    both, and only when the answers are not all the same. "2017" (before that fix): the
+    prediction is always fully normalised, the answers only lose punctuation, and only when
+    they differ."""
+    prediction = _whitespace(prediction)
+    if evaluation == CURRENT:
+        answers = [_whitespace(a) for a in answers]
+        if len(set(answers)) > 1:
+            answers = [process_digit_article(process_punctuation(a)) for a in answers]
+            prediction = process_digit_article(process_punctuation(prediction))
+    elif evaluation == BEFORE_2021:
+        prediction = process_digit_article(process_punctuation(prediction))
+        if len(set(answers)) > 1:
+            answers = [process_punctuation(a) for a in answers]
+    else:
+        raise ValueError(f"unknown VQA evaluation {evaluation!r}; one of {EVALUATIONS}")
     matches = [a == prediction for a in answers]
     total = sum(matches)
     return sum(min(1.0, (total - own) / 3) for own in matches) / len(answers)
@@ -138,6 +159,7 @@ def check_question(q) -> None:
 class VQAOptions:
     max_question_tokens: int = 16  # [CLS] and [SEP] included; the multi-task code uses 23
     max_regions: int = 100  # detector regions per image (the IMG token comes on top)
+    evaluation: str = CURRENT  # the official script's answer processing: "2021" (current) or "2017"
 
 
 class VQA(Task):
@@ -149,6 +171,9 @@ class VQA(Task):
 
     def __init__(self, options: VQAOptions, index: ShardIndex, tokenizer_path: str | None = None):
         super().__init__(options, index)
+        if options.evaluation not in EVALUATIONS:
+            raise ValueError(f"task.evaluation={options.evaluation!r}: the official VQA script's version, one of "
+                             f"{EVALUATIONS} (2021: the current one)")
         self.answers = list(index.task.get("answers", []))
         if not self.answers:
             raise ValueError("the VQA training shards carry no answer vocabulary (index.json task.answers): write "
@@ -158,6 +183,10 @@ class VQA(Task):
 
     def model_overrides(self) -> dict:
         return {"num_vqa_answers": len(self.answers), "id2label": dict(enumerate(self.answers))}
+
+    @property
+    def metric_version(self) -> str:
+        return f"official vqaEval.py, {self.options.evaluation} version"
 
     def check_split(self, index: ShardIndex, where: str) -> None:
         if index.task.get("answers", self.answers) != self.answers:
@@ -196,7 +225,8 @@ class VQA(Task):
         return out.vqa_logits.argmax(1)
 
     def evaluate(self, records: list[tuple[dict, int]]) -> dict[str, float]:
-        scored = [(example["answer_type"], vqa_accuracy(example["answers"], self.answers[prediction]))
+        scored = [(example["answer_type"], vqa_accuracy(example["answers"], self.answers[prediction],
+                                                             self.options.evaluation))
                   for example, prediction in records if example["answers"]]
         if not scored:
             return {}

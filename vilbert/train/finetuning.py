@@ -203,6 +203,8 @@ def evaluate_run(run_dir: str | Path, split: str, out: str | Path | None = None,
         best = checkpoint.read_best(config.checkpoint_dir)
         step = checkpoint.tag_step(tag) if tag else best["step"] if best else 0  # the evaluated model's step
         log_evaluation(run_dir, config.tracking, {f"{prefix}/{k}": v for k, v in metrics.items()}, step,
-                       tags={f"{prefix}.split": shards, f"{prefix}.results": str(out)})
-        log.info("%d predictions on %s -> %s", len(records), shards, out)
+                       tags={f"{prefix}.split": shards, f"{prefix}.results": str(out),
+                             **({f"{prefix}.metric_version": task.metric_version} if task.metric_version else {})})
+        log.info("%d predictions on %s -> %s%s", len(records), shards, out,
+                 f" (metric: {task.metric_version})" if task.metric_version else "")
     return metrics
