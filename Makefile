@@ -6,8 +6,9 @@ TOY_IMAGES ?= 20000
 TOY_VAL_IMAGES ?= 1000
 ARGS ?=  # dotted overrides for the demo's run (tests/integration/test_docs.py runs it small)
 TOYVQA := runs/toyvqa
+TOYREFCOCO := runs/toyrefcoco
 
-.PHONY: install demo toy-vqa toy-vqa-demo toy-ablation lint test bench
+.PHONY: install demo toy-vqa toy-vqa-demo toy-refcoco toy-refcoco-demo toy-ablation lint test bench
 
 # torch first, and only when absent: 2.13.0 is a CPU build here; GPU boxes bring their own.
 install:
@@ -29,6 +30,15 @@ toy-vqa-demo: toy-vqa
 	@test -f runs/toy/model/config.json || { echo "no pretrained model in runs/toy/model: run make demo first"; exit 1; }
 	$(PY) -m vilbert finetune --task vqa --config configs/toy_vqa.yaml --overwrite
 	$(PY) -m vilbert evaluate --task vqa --checkpoint runs/toy-vqa --split val
+
+# Toy-world referring expressions, the same way: shards, then fine-tune and evaluate.
+toy-refcoco: install
+	@test -f $(TOYREFCOCO)/train/index.json || $(PY) -m shards toyrefcoco --out $(TOYREFCOCO) --images 4000 --val-images 500 --feature-dim 256
+
+toy-refcoco-demo: toy-refcoco
+	@test -f runs/toy/model/config.json || { echo "no pretrained model in runs/toy/model: run make demo first"; exit 1; }
+	$(PY) -m vilbert finetune --task refcoco --config configs/toy_refcoco.yaml --overwrite
+	$(PY) -m vilbert evaluate --task refcoco --checkpoint runs/toy-refcoco --split val
 
 # The paper's ablations on the toy world (docs/ablations.md): 24 cells, each pretrained and
 # fine-tuned on toy VQA, one after another; rerun to continue. Tables in runs/ablations/paper_toy/compare.

@@ -91,9 +91,9 @@ def _options(args):
 
 def _write(args) -> int:
     from shards.build import write_shard_sets
-    from shards.sources import FeatureFolderSource, TsvSource, read_captions, select_boxes
+    from shards.sources import read_captions, select_boxes
 
-    source = TsvSource(args.tsv) if args.tsv else FeatureFolderSource(args.features_dir, args.allow_pickle)
+    source = _source(args.tsv, args.features_dir, args.allow_pickle)
     low, high = args.keep_boxes
     indexes = write_shard_sets(
         source.ids, source.load, read_captions(args.captions), args.out, _options(args),
@@ -142,12 +142,12 @@ def _print_task_sets(report: dict[str, dict], out) -> None:
     for name, r in report.items():
         missing = f"; {r['images_without_features']} images without features left out" \
             if r["images_without_features"] else ""
-        print(f"{name}: {r['questions']} questions on {r['images']} images, {r['bytes'] / 1e6:.1f} MB "
-              f"({r['bytes_per_question'] / 1e3:.1f} kB per question){missing} -> {out}/{name}")
+        print(f"{name}: {r['examples']} {r['noun']}s on {r['images']} images, {r['bytes'] / 1e6:.1f} MB "
+              f"({r['bytes_per_example'] / 1e3:.1f} kB per {r['noun']}){missing} -> {out}/{name}")
 
 
 def _vqa(args) -> int:
-    from shards.sources import FeatureFolderSource, TsvSource, select_boxes
+    from shards.sources import select_boxes
     from shards.vqa import read_questions, write_vqa_sets
 
     questions, annotations = _named_files(args.questions, "--questions"), _named_files(args.annotations,
@@ -156,13 +156,49 @@ def _vqa(args) -> int:
     if unknown:
         raise SystemExit(f"--annotations for {sorted(unknown)} without --questions for them")
     splits = {name: read_questions(path, annotations.get(name)) for name, path in questions.items()}
-    source = TsvSource(args.tsv) if args.tsv else FeatureFolderSource(args.features_dir, args.allow_pickle)
+    source = _source(args.tsv, args.features_dir, args.allow_pickle)
     low, high = args.keep_boxes
     report = write_vqa_sets(splits, source, args.out, _options(args), minival=args.minival,
                             min_answer_count=args.min_answer_count,
                             prepare=lambda record: select_boxes(record, low, high, args.conf_threshold),
                             max_regions=high, source_name=" ".join(args.tsv) if args.tsv else str(args.features_dir),
                             lenient=args.lenient)
+    _print_task_sets(report, args.out)
+    return 0
+
+
+def _source(tsv, features_dir, allow_pickle: bool):
+    from shards.sources import FeatureFolderSource, TsvSource
+
+    return TsvSource(tsv) if tsv else FeatureFolderSource(features_dir, allow_pickle)
+
+
+def _refcoco(args) -> int:
+    from shards.refcoco import read_refs, write_refer_sets
+    from shards.sources import select_boxes
+
+    splits = read_refs(args.refs, args.instances)
+    gt = _source(args.gt_tsv, args.gt_features_dir, args.allow_pickle) if args.gt_tsv or args.gt_features_dir \
+        else None
+    if gt is None:
+        print("note: no --gt-tsv/--gt-features-dir: the train split's regions are the detector's only (the paper "
+              "adds the ground-truth boxes)", file=sys.stderr)
+    low, high = args.keep_boxes
+    report = write_refer_sets(splits, _source(args.tsv, args.features_dir, args.allow_pickle), args.out,
+                              _options(args), gt_source=gt,
+                              prepare=lambda record: select_boxes(record, low, high, args.conf_threshold),
+                              max_regions=high,
+                              source_name=" ".join(args.tsv) if args.tsv else str(args.features_dir),
+                              lenient=args.lenient)
+    _print_task_sets(report, args.out)
+    return 0
+
+
+def _toyrefcoco(args) -> int:
+    from shards.toyrefcoco import write_toy_refcoco
+
+    report = write_toy_refcoco(args.out, args.images, args.val_images, seed=args.seed, feature_dim=args.feature_dim,
+                               options=_options(args), world=_world(args))
     _print_task_sets(report, args.out)
     return 0
 
@@ -241,6 +277,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_world_options(toyvqa)
     _add_shard_options(toyvqa)
     toyvqa.set_defaults(run=_toyvqa, samples_per_shard=250)
+
+    refcoco = commands.add_parser(
+        "refcoco", help="build referring-expression task shards (RefCOCO+, RefCOCO, RefCOCOg) from the refer "
+                        "toolkit's files and detector features",
+        description="One sample per image (regions once, all its expressions in meta), one shard set per split of "
+                    "the refs (train, val, testA, testB). The train split's regions are the detector's plus the "
+                    "ground-truth boxes' (--gt-tsv / --gt-features-dir), as the paper trains. refs(unc).p is a "
+                    "pickle: it is read without running anything, and refused if it names any class or function.")
+    refcoco.add_argument("--refs", required=True, help="refs(unc).p of the dataset (refcoco+/refs(unc).p)")
+    refcoco.add_argument("--instances", required=True, help="its instances.json (the referred boxes)")
+    features = refcoco.add_mutually_exclusive_group(required=True)
+    features.add_argument("--tsv", nargs="+", help="bottom-up-attention TSV files of the COCO images")
+    features.add_argument("--features-dir", help="folder of per-image .npz/.npy files")
+    gt = refcoco.add_mutually_exclusive_group()
+    gt.add_argument("--gt-tsv", nargs="+", help="TSV files of features at the ground-truth boxes (train split)")
+    gt.add_argument("--gt-features-dir", help="folder of per-image .npz/.npy features at the ground-truth boxes")
+    refcoco.add_argument("--allow-pickle", action="store_true", help="as for `write`")
+    refcoco.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
+    refcoco.add_argument("--out", required=True)
+    refcoco.add_argument("--keep-boxes", nargs=2, type=int, default=(10, 100), metavar=("MIN", "MAX"))
+    refcoco.add_argument("--conf-threshold", type=float, default=0.2)
+    _add_shard_options(refcoco)
+    refcoco.set_defaults(run=_refcoco, samples_per_shard=250)
+
+    toyrefcoco = commands.add_parser("toyrefcoco",
+                                     help="generate toy-world referring-expression task shards (train/ and val/)")
+    toyrefcoco.add_argument("--out", required=True)
+    toyrefcoco.add_argument("--images", type=_count, default=4000, help="training images (up to 3 expressions each)")
+    toyrefcoco.add_argument("--val-images", type=int, default=500)
+    toyrefcoco.add_argument("--feature-dim", type=_count, default=2048, help="as the toy world it goes with")
+    _add_world_options(toyrefcoco)
+    _add_shard_options(toyrefcoco)
+    toyrefcoco.set_defaults(run=_toyrefcoco, samples_per_shard=250)
     return parser
 
 

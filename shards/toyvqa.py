@@ -105,8 +105,8 @@ def questions_for(scene: dict, rng: np.random.Generator, world: WorldOptions) ->
     return asked
 
 
-class _Images:
-    """Generated images by id: a `shards.sources`-like reader for `write_vqa_sets`."""
+class GeneratedImages:
+    """Generated images by id: a `shards.sources`-like reader for the task converters."""
 
     def __init__(self, records: dict[str, dict]):
         self.records = records
@@ -141,6 +141,6 @@ def write_toy_vqa(out: str | Path, train_images: int, val_images: int, *, seed: 
                                   "answer_type": answer_type, "question_type": question_type,
                                   "multiple_choice_answer": Counter(people).most_common(1)[0][0]})
         splits[split] = questions
-    return write_vqa_sets(splits, _Images(images), out, options, minival=0,
+    return write_vqa_sets(splits, GeneratedImages(images), out, options, minival=0,
                           max_regions=max(len(r["boxes"]) for r in images.values()),
                           source_name=f"toyworld seed={seed} {world.describe()} images {VQA_FIRST_IMAGE}+")

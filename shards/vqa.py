@@ -15,28 +15,15 @@ answer vocabulary, built from the train+val annotations (`build_answer_vocabular
 from __future__ import annotations
 
 import json
-import re
-from collections import defaultdict
 from pathlib import Path
 
-from tqdm import tqdm
-
-from shards.build import ShardOptions, checked
-from shards.sources import InputError, Skipped
-from shards.writer import ShardSetWriter, all_or_nothing
-from vilbert.data.sample_codec import encode_sample
+from shards.build import ShardOptions
+from shards.sources import InputError
+from shards.task_sets import TaskSets, write_task_sets
 from vilbert.tasks.vqa import MIN_ANSWER_COUNT, build_answer_vocabulary
 
 MINIVAL_QUESTIONS = 3000
 ANSWERED_SPLITS = ("train", "val")  # the splits whose annotations build the vocabulary
-
-
-def image_key(image_id) -> str:
-    """COCO ids appear as 262145, "262145" or "COCO_train2014_000000262145": the trailing number."""
-    match = re.search(r"(\d+)$", str(image_id))
-    if match is None:
-        raise ValueError(f"image id {image_id!r} ends in no number")
-    return str(int(match.group(1)))
 
 
 FIELD_TYPES = {  # what each field of the official files must be: (types, in words)
@@ -101,15 +88,18 @@ def recipe_sets(splits: dict[str, list[dict]], minival: int = MINIVAL_QUESTIONS)
     return sets
 
 
+VQA_SETS = TaskSets(task="vqa", meta_key="questions",
+                    fields=("question_id", "question", "answers", "answer_type", "question_type"),
+                    text=lambda q: q["question"], noun="question")
+
+
 def write_vqa_sets(splits: dict[str, list[dict]], source, out: str | Path, options: ShardOptions, *,
                    minival: int = MINIVAL_QUESTIONS, min_answer_count: int = MIN_ANSWER_COUNT,
                    prepare=lambda record: record, max_regions: int = 100, source_name: str = "",
                    lenient: bool = False) -> dict[str, dict]:
-    """Write one shard set per recipe set under `out`; `source` has `ids` and `load(id)` (a
-    `shards.sources` reader). Returns per set: questions, images, bytes, and images without
-    features. Images without features, or whose features cannot be read or are wrong, are
-    errors; with `lenient`, their questions are left out, and counted. Nothing is in place
-    until every set is complete."""
+    """Write one shard set per recipe set under `out` (`shards.task_sets.write_task_sets`),
+    every index with the answer vocabulary of the train+val annotations; `prepare(record)`:
+    box selection."""
     unanswered = [name for name in ANSWERED_SPLITS if splits.get(name) and "answers" not in splits[name][0]]
     if unanswered:
         raise InputError(f"the {' and '.join(unanswered)} questions came without their annotations file: the answer "
@@ -118,49 +108,7 @@ def write_vqa_sets(splits: dict[str, list[dict]], source, out: str | Path, optio
     if not answered:
         raise InputError("the answer vocabulary needs the train and/or val annotations")
     answers = build_answer_vocabulary(answered, min_answer_count)
-    features_of = {image_key(i): i for i in source.ids}
-    skipped, report = Skipped(lenient), {}
-    with all_or_nothing() as writers:
-        for name, questions in recipe_sets(splits, minival).items():
-            by_image = defaultdict(list)
-            for q in questions:
-                by_image[image_key(q["image_id"])].append(q)
-            absent = sorted(k for k in by_image if k not in features_of)
-            if len(absent) == len(by_image):
-                raise InputError(f"{name}: none of its {len(by_image)} images has features in "
-                                 f"{source_name or 'the source'} (e.g. image {absent[0]}): are the features for the "
-                                 "same images?")
-            if absent:
-                skipped.add(f"{name}: {len(absent)} images have no features (e.g. image {absent[0]}); their "
-                            "questions are left out", len(absent))
-            kept = [k for k in by_image if k in features_of]
-            writer = ShardSetWriter(Path(out) / name, prefix=options.prefix, max_samples=options.samples_per_shard,
-                                    max_bytes=options.max_shard_bytes, feature_dim=0, num_classes=0, class_topk=0,
-                                    feature_dtype=options.feature_dtype, max_regions=max_regions,
-                                    source=source_name, task={"name": "vqa", "split": name, "answers": answers})
-            writers.append(writer)
-            written = []
-            for key in tqdm(kept, desc=f"VQA {name}", unit="img"):
-                try:
-                    record = prepare(source.load(features_of[key]))
-                    feature_dim = writer.index_fields["feature_dim"] or record["features"].shape[1]
-                    meta = {"questions": [{k: q[k] for k in ("question_id", "question", "answers", "answer_type",
-                                                             "question_type") if k in q} for q in by_image[key]]}
-                    arrays = {"features": record["features"].astype(options.feature_dtype, copy=False),
-                              "boxes": record["boxes"].astype("float32", copy=False)}
-                    data = checked(encode_sample(key, key, [q["question"] for q in by_image[key]], record["image_w"],
-                                                 record["image_h"], arrays, meta), key, feature_dim, 0)
-                except InputError as e:
-                    skipped.add(f"{name}: {e}")
-                    continue
-                writer.index_fields["feature_dim"] = feature_dim
-                writer.write(key, data)
-                written.append(key)
-            writer.index_fields["task"]["examples"] = sum(len(by_image[k]) for k in written)
-            index = writer.finish()
-            examples = index.task["examples"]
-            report[name] = {"questions": examples, "images": len(written), "images_without_features": len(absent),
-                            "bytes": sum(s.bytes for s in index.shards),
-                            "bytes_per_question": sum(s.bytes for s in index.shards) / max(examples, 1)}
-    skipped.report()
-    return report
+    return write_task_sets(VQA_SETS, recipe_sets(splits, minival), source, out, options,
+                           index_task=lambda name: {"answers": answers},
+                           prepare=lambda record, name, key: prepare(record), max_regions=max_regions,
+                           source_name=source_name, lenient=lenient)
