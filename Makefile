@@ -7,8 +7,9 @@ TOY_VAL_IMAGES ?= 1000
 ARGS ?=  # dotted overrides for the demo's run (tests/integration/test_docs.py runs it small)
 TOYVQA := runs/toyvqa
 TOYREFCOCO := runs/toyrefcoco
+TOYVCR := runs/toyvcr
 
-.PHONY: install demo toy-vqa toy-vqa-demo toy-refcoco toy-refcoco-demo toy-ablation lint test bench
+.PHONY: install demo toy-vqa toy-vqa-demo toy-refcoco toy-refcoco-demo toy-vcr toy-vcr-demo toy-ablation lint test bench
 
 # torch first, and only when absent: 2.13.0 is a CPU build here; GPU boxes bring their own.
 install:
@@ -39,6 +40,15 @@ toy-refcoco-demo: toy-refcoco
 	@test -f runs/toy/model/config.json || { echo "no pretrained model in runs/toy/model: run make demo first"; exit 1; }
 	$(PY) -m vilbert finetune --task refcoco --config configs/toy_refcoco.yaml --overwrite
 	$(PY) -m vilbert evaluate --task refcoco --checkpoint runs/toy-refcoco --split val
+
+# Toy-world VCR (Q->A, QA->R), the same way.
+toy-vcr: install
+	@test -f $(TOYVCR)/train/index.json || $(PY) -m shards toyvcr --out $(TOYVCR) --images 4000 --val-images 500 --feature-dim 256
+
+toy-vcr-demo: toy-vcr
+	@test -f runs/toy/model/config.json || { echo "no pretrained model in runs/toy/model: run make demo first"; exit 1; }
+	$(PY) -m vilbert finetune --task vcr --config configs/toy_vcr.yaml --overwrite
+	$(PY) -m vilbert evaluate --task vcr --checkpoint runs/toy-vcr --split val
 
 # The paper's ablations on the toy world (docs/ablations.md): 24 cells, each pretrained and
 # fine-tuned on toy VQA, one after another; rerun to continue. Tables in runs/ablations/paper_toy/compare.

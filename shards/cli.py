@@ -142,8 +142,8 @@ def _print_task_sets(report: dict[str, dict], out) -> None:
     for name, r in report.items():
         missing = f"; {r['images_without_features']} images without features left out" \
             if r["images_without_features"] else ""
-        print(f"{name}: {r['examples']} {r['noun']}s on {r['images']} images, {r['bytes'] / 1e6:.1f} MB "
-              f"({r['bytes_per_example'] / 1e3:.1f} kB per {r['noun']}){missing} -> {out}/{name}")
+        print(f"{name}: {r['records']} {r['noun']}s on {r['images']} images, {r['bytes'] / 1e6:.1f} MB "
+              f"({r['bytes_per_record'] / 1e3:.1f} kB per {r['noun']}){missing} -> {out}/{name}")
 
 
 def _vqa(args) -> int:
@@ -199,6 +199,35 @@ def _toyrefcoco(args) -> int:
 
     report = write_toy_refcoco(args.out, args.images, args.val_images, seed=args.seed, feature_dim=args.feature_dim,
                                options=_options(args), world=_world(args))
+    _print_task_sets(report, args.out)
+    return 0
+
+
+def _vcr(args) -> int:
+    from shards.sources import select_boxes
+    from shards.vcr import metadata_files, read_annotations, write_vcr_sets
+
+    splits = {name: read_annotations(path) for name, path in _named_files(args.annotations, "--annotations").items()}
+    gt = _source(args.gt_tsv, args.gt_features_dir, args.allow_pickle) if args.gt_tsv or args.gt_features_dir \
+        else None
+    if gt is None:
+        print("note: no --gt-tsv/--gt-features-dir: the regions are the detector's only (the paper adds the "
+              "ground-truth boxes)", file=sys.stderr)
+    low, high = args.keep_boxes
+    report = write_vcr_sets(splits, metadata_files(splits, args.images_dir),
+                            _source(args.tsv, args.features_dir, args.allow_pickle), args.out, _options(args),
+                            gt_source=gt, prepare=lambda record: select_boxes(record, low, high, args.conf_threshold),
+                            max_regions=high, source_name=" ".join(args.tsv) if args.tsv else str(args.features_dir),
+                            lenient=args.lenient)
+    _print_task_sets(report, args.out)
+    return 0
+
+
+def _toyvcr(args) -> int:
+    from shards.toyvcr import write_toy_vcr
+
+    report = write_toy_vcr(args.out, args.images, args.val_images, seed=args.seed, feature_dim=args.feature_dim,
+                           options=_options(args), world=_world(args))
     _print_task_sets(report, args.out)
     return 0
 
@@ -310,6 +339,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_world_options(toyrefcoco)
     _add_shard_options(toyrefcoco)
     toyrefcoco.set_defaults(run=_toyrefcoco, samples_per_shard=250)
+
+    vcr = commands.add_parser(
+        "vcr", help="build VCR task shards (Q->A, QA->R) from the annotation JSONL files, the images' metadata and "
+                    "detector features",
+        description="One sample per image (regions once, all its questions in meta), one shard set per annotation "
+                    "file. The ground-truth boxes' features (--gt-tsv / --gt-features-dir, rows in the metadata's "
+                    "box order) are added after the detector's regions, as the paper does. Features are keyed by "
+                    "VCR's img_id (e.g. train-123).")
+    vcr.add_argument("--annotations", nargs="+", required=True, metavar="SPLIT=FILE",
+                     help="e.g. train=train.jsonl val=val.jsonl test=test.jsonl")
+    vcr.add_argument("--images-dir", required=True, help="vcr1images/: the records' metadata_fn are under it")
+    features = vcr.add_mutually_exclusive_group(required=True)
+    features.add_argument("--tsv", nargs="+", help="bottom-up-attention TSV files of the VCR images")
+    features.add_argument("--features-dir", help="folder of per-image .npz/.npy files")
+    gt = vcr.add_mutually_exclusive_group()
+    gt.add_argument("--gt-tsv", nargs="+", help="TSV files of features at the metadata boxes")
+    gt.add_argument("--gt-features-dir", help="folder of per-image .npz/.npy features at the metadata boxes")
+    vcr.add_argument("--allow-pickle", action="store_true", help="as for `write`")
+    vcr.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
+    vcr.add_argument("--out", required=True)
+    vcr.add_argument("--keep-boxes", nargs=2, type=int, default=(10, 100), metavar=("MIN", "MAX"))
+    vcr.add_argument("--conf-threshold", type=float, default=0.2)
+    _add_shard_options(vcr)
+    vcr.set_defaults(run=_vcr, samples_per_shard=250)
+
+    toyvcr = commands.add_parser("toyvcr", help="generate toy-world VCR task shards (train/ and val/)")
+    toyvcr.add_argument("--out", required=True)
+    toyvcr.add_argument("--images", type=_count, default=4000, help="training images (2 questions each)")
+    toyvcr.add_argument("--val-images", type=int, default=500)
+    toyvcr.add_argument("--feature-dim", type=_count, default=2048, help="as the toy world it goes with")
+    _add_world_options(toyvcr)
+    _add_shard_options(toyvcr)
+    toyvcr.set_defaults(run=_toyvcr, samples_per_shard=250)
     return parser
 
 

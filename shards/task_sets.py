@@ -31,12 +31,16 @@ def image_key(image_id) -> str:
 class TaskSets:
     """What a task's shard sets hold, besides the records: the task's name, the key of the
     records in `meta`, their fields kept there, the text of a record (the sample's captions),
-    and the noun for one record in reports."""
+    the noun for one record in reports, how a record's image id names its image in the
+    features (`key`), and how many examples a record gives the task (the index counts them:
+    epochs are passes over examples)."""
     task: str
     meta_key: str
     fields: tuple[str, ...]
     text: Callable[[dict], str]
     noun: str
+    key: Callable[[object], str] = image_key
+    examples: Callable[[dict], int] = lambda record: 1
 
 
 def write_task_sets(kind: TaskSets, sets: dict[str, list[dict]], source, out: str | Path, options: ShardOptions, *,
@@ -46,17 +50,18 @@ def write_task_sets(kind: TaskSets, sets: dict[str, list[dict]], source, out: st
     """Write one shard set per entry of `sets` (name -> records, each with an `image_id`) under
     `out`; `source` has `ids` and `load(id)` (a `shards.sources` reader), and `prepare(record,
     set name, image key)` turns what it loads into the regions to write (box selection, added
-    ground-truth boxes). `index_task(name)`: more fields of the set's index `task` section.
-    Returns per set: examples, images, bytes, and images without features. Images without
+    ground-truth boxes), and may add to the sample's `meta` under `"meta"`.
+    `index_task(name)`: more fields of the set's index `task` section.
+    Returns per set: records, examples, images, bytes, and images without features. Images without
     features, or whose features cannot be read or are wrong, are errors; with `lenient`, their
     records are left out, and counted. Nothing is in place until every set is complete."""
-    features_of = {image_key(i): i for i in source.ids}
+    features_of = {kind.key(i): i for i in source.ids}
     skipped, report = Skipped(lenient), {}
     with all_or_nothing() as writers:
         for name, records in sets.items():
             by_image = defaultdict(list)
             for record in records:
-                by_image[image_key(record["image_id"])].append(record)
+                by_image[kind.key(record["image_id"])].append(record)
             absent = sorted(k for k in by_image if k not in features_of)
             if len(absent) == len(by_image):
                 raise InputError(f"{name}: none of its {len(by_image)} images has features in "
@@ -76,7 +81,8 @@ def write_task_sets(kind: TaskSets, sets: dict[str, list[dict]], source, out: st
                 try:
                     image = prepare(source.load(features_of[key]), name, key)
                     feature_dim = writer.index_fields["feature_dim"] or image["features"].shape[1]
-                    meta = {kind.meta_key: [{f: r[f] for f in kind.fields if f in r} for r in by_image[key]]}
+                    meta = {**image.get("meta", {}),
+                            kind.meta_key: [{f: r[f] for f in kind.fields if f in r} for r in by_image[key]]}
                     arrays = {"features": image["features"].astype(options.feature_dtype, copy=False),
                               "boxes": image["boxes"].astype("float32", copy=False)}
                     data = checked(encode_sample(key, key, [kind.text(r) for r in by_image[key]], image["image_w"],
@@ -87,11 +93,11 @@ def write_task_sets(kind: TaskSets, sets: dict[str, list[dict]], source, out: st
                 writer.index_fields["feature_dim"] = feature_dim
                 writer.write(key, data)
                 written.append(key)
-            writer.index_fields["task"]["examples"] = sum(len(by_image[k]) for k in written)
+            writer.index_fields["task"]["examples"] = sum(kind.examples(r) for k in written for r in by_image[k])
             index = writer.finish()
-            examples, size = index.task["examples"], sum(s.bytes for s in index.shards)
-            report[name] = {"examples": examples, "noun": kind.noun, "images": len(written),
-                            "images_without_features": len(absent), "bytes": size,
-                            "bytes_per_example": size / max(examples, 1)}
+            records, size = sum(len(by_image[k]) for k in written), sum(s.bytes for s in index.shards)
+            report[name] = {"records": records, "noun": kind.noun, "examples": index.task["examples"],
+                            "images": len(written), "images_without_features": len(absent), "bytes": size,
+                            "bytes_per_record": size / max(records, 1)}
     skipped.report()
     return report

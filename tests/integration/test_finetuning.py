@@ -220,34 +220,39 @@ def test_finetuning_against_a_split_without_answers_says_so_and_calls_nothing_be
     assert (tmp_path / "run/model/model.safetensors").exists()  # the last step's
 
 
-def test_refcoco_short_finetune_beats_its_untrained_model_and_evaluates_in_the_results_format(tmp_path):
-    """Toy referring expressions on the same engine: a short fine-tune (no pretraining, a BERT
-    text stream) picks the referred object's region more often than the model it started
-    from and than a random region; `vilbert evaluate` writes one result per expression."""
-    from shards.build import ShardOptions
-    from shards.toyrefcoco import write_toy_refcoco
+def _short_finetune(tmp_path, data, task: dict, steps: int = 60, batch: int = 16):
+    """A short fine-tune of `task` (its config section) on the toy shard sets in `data`, from
+    BERT (no pretraining), evaluated every 30 steps; returns its best checkpoint's record and
+    the validation records of the model it started from (seeded as the engine seeds)."""
     from vilbert.data import build_loader
     from vilbert.train import checkpoint, load_config
     from vilbert.train.finetuning import build_task_model, make_task, predict
 
+    path = train_config(tmp_path, data, model={"preset": "small", "bert": "minilm"}, task=task,
+                        data={"batch_size": batch, "shuffle_buffer": 200}, eval={"every_steps": 30},
+                        optim={"steps": steps, "global_batch_size": batch, "lr": 2e-4},
+                        checkpoint={"every_steps": 30, "keep_last": 1}, tracking={"log_every": 10})
+    done = _vilbert("finetune", "--task", task["name"], "--config", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = load_config(path)
+    model_task = make_task(config)
+    torch.manual_seed(config.seed)
+    model, _ = build_task_model(config, model_task, model_task.index.feature_dim)
+    loader, _ = build_loader(dataclasses.replace(config.data, shards=config.eval.shards), train=False, task=model_task)
+    untrained = predict(model, loader, model_task, torch.float32, torch.device("cpu"))
+    return checkpoint.read_best(tmp_path / "run" / "checkpoints"), untrained, model_task
+
+
+def test_refcoco_short_finetune_beats_its_untrained_model_and_evaluates_in_the_results_format(tmp_path):
+    """Toy referring expressions on the same engine: a short fine-tune picks the referred
+    object's region more often than the model it started from and than a random region;
+    `vilbert evaluate` writes one result per expression."""
+    from shards.build import ShardOptions
+    from shards.toyrefcoco import write_toy_refcoco
+
     data = tmp_path / "toyrefcoco"
     write_toy_refcoco(data, 300, 60, feature_dim=32, options=ShardOptions(samples_per_shard=20))
-    steps = 60
-    path = train_config(tmp_path, data, model={"preset": "small", "bert": "minilm"},
-                        task={"name": "refcoco", "max_expression_tokens": 20},
-                        data={"batch_size": 16, "shuffle_buffer": 200}, eval={"every_steps": 30},
-                        optim={"steps": steps, "global_batch_size": 16, "lr": 2e-4},
-                        checkpoint={"every_steps": 30, "keep_last": 1}, tracking={"log_every": 10})
-    done = _vilbert("finetune", "--task", "refcoco", "--config", str(path))
-    assert done.returncode == 0, done.stderr[-3000:]
-    best = checkpoint.read_best(tmp_path / "run" / "checkpoints")
-
-    config = load_config(path)
-    task = make_task(config)
-    torch.manual_seed(config.seed)
-    model, _ = build_task_model(config, task, task.index.feature_dim)
-    loader, _ = build_loader(dataclasses.replace(config.data, shards=config.eval.shards), train=False, task=task)
-    records = predict(model, loader, task, torch.float32, torch.device("cpu"))
+    best, records, task = _short_finetune(tmp_path, data, {"name": "refcoco", "max_expression_tokens": 20})
     untrained = task.evaluate(records)["accuracy"]
     random_region = sum(sum(i >= 0.5 for i in e["ious"]) / len(e["ious"]) for e, _ in records) / len(records)
     assert best["value"] > untrained + 0.1 and best["value"] > random_region + 0.1, (best, untrained, random_region)
@@ -261,3 +266,22 @@ def test_refcoco_short_finetune_beats_its_untrained_model_and_evaluates_in_the_r
     assert all(len(r["box"]) == 4 for r in results)
     printed = next(line for line in evaluated.stdout.splitlines() if line.startswith("val accuracy:"))
     assert float(printed.split()[-1]) == pytest.approx(best["value"], abs=0.01)
+
+
+def test_vcr_short_finetune_beats_its_untrained_model_and_chance(tmp_path):
+    """Toy VCR on the same engine: Q->A and QA->R learnt together, 4 choices per example;
+    the best checkpoint is the one with the best Q->AR, above the untrained model's and
+    above chance (1/16 for both right)."""
+    from shards.build import ShardOptions
+    from shards.toyvcr import write_toy_vcr
+    from vilbert.train.tracking import read_metrics
+
+    data = tmp_path / "toyvcr"
+    write_toy_vcr(data, 300, 60, feature_dim=32, options=ShardOptions(samples_per_shard=20))
+    best, records, task = _short_finetune(tmp_path, data, {"name": "vcr", "max_answer_tokens": 24,
+                                                           "max_rationale_tokens": 32}, batch=8)
+    untrained = task.evaluate(records)
+    evaluations = [m for m in read_metrics(tmp_path / "run") if "val/q_ar" in m]
+    assert best["value"] == max(m["val/q_ar"] for m in evaluations)
+    assert best["value"] > untrained["q_ar"] + 0.1 and best["value"] > 1 / 16 + 0.1, (best, untrained)
+    assert untrained["questions"] == 2 * 60  # every val question once (2 per image)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import ENV, ROOT
 from vilbert.tasks.refcoco import HIT_IOU, RefCOCO, RefCOCOOptions, box_iou
 
 
@@ -204,14 +205,14 @@ def test_converter_refuses_a_malicious_refs_file_and_a_mismatched_instances_file
     command = [sys.executable, "-m", "shards", "refcoco", "--refs", str(raw / "refs(unc).p"), "--instances",
                str(raw / "instances.json"), "--features-dir", str(raw / "features"), "--out", str(tmp_path / "o")]
     (raw / "refs(unc).p").write_bytes(pickle.dumps([_Payload(tmp_path / "ran")], protocol=2))
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert done.returncode == 1 and "refused (it names posix.system" in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "ran").exists() and not (tmp_path / "o").exists()
 
     _write_refer_files(tmp_path / "raw2", np.random.default_rng(0), gt=False)
     (raw / "refs(unc).p").write_bytes((tmp_path / "raw2" / "refs(unc).p").read_bytes())
     (raw / "instances.json").write_text(json.dumps({"annotations": []}))
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert done.returncode == 1 and "is not in" in done.stderr.splitlines()[-1], done.stderr[-2000:]
 
 

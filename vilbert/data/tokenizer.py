@@ -59,7 +59,16 @@ class CaptionTokenizer:
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns input ids and attention mask, both [len(captions), width]."""
-        encodings = self._encode(captions)
+        ids, mask, _ = self._tensors(self._encode(captions))
+        return ids, mask
+
+    def pairs(self, firsts: list[str], seconds: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[CLS] first [SEP] second [SEP], the longer of the two cut first to fit `max_length`
+        (as BERT's pair truncation); returns input ids, attention mask and token type ids
+        (0 for the first segment, 1 for the second)."""
+        return self._tensors(self._encode(list(zip(firsts, seconds))))
+
+    def _tensors(self, encodings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Rounding up may pass max_length (36 -> 40); only padding lies beyond it.
-        return (torch.from_numpy(np.array([e.ids[:self.max_length] for e in encodings])),
-                torch.from_numpy(np.array([e.attention_mask[:self.max_length] for e in encodings])))
+        return tuple(torch.from_numpy(np.array([getattr(e, field)[:self.max_length] for e in encodings]))
+                     for field in ("ids", "attention_mask", "type_ids"))

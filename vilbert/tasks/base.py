@@ -20,6 +20,7 @@ import torch
 from vilbert.data.shard_index import ShardIndex
 
 FLOAT_INPUTS = ("region_features", "region_locations")  # cast to the run's float type
+REGION_INPUTS = (*FLOAT_INPUTS, "region_mask")  # one row per image; repeated per choice on the device
 
 
 @dataclass
@@ -28,15 +29,22 @@ class TaskBatch:
     targets: dict[str, torch.Tensor]  # what the loss and the training metric compare with
     examples: list[dict] = field(default_factory=list)  # host records: ids and labels for evaluation
     real_tokens: int = 0  # unpadded text tokens (the engine's tokens/s)
+    choices: int = 1  # text rows per image row: a multiple-choice example's sequences share its image
 
     def to(self, device) -> TaskBatch:
         def move(tensors):
             return {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
 
-        return TaskBatch(move(self.inputs), move(self.targets), self.examples, self.real_tokens)
+        return TaskBatch(move(self.inputs), move(self.targets), self.examples, self.real_tokens, self.choices)
 
     def model_inputs(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        return {k: v.to(dtype) if k in FLOAT_INPUTS else v for k, v in self.inputs.items()}
+        """The model's keyword arguments. With `choices` > 1 the region inputs hold one row per
+        example and the text inputs `choices` rows per example: the regions cross to the device
+        once and are repeated there, row i of the text meeting image row i // choices."""
+        inputs = {k: v.to(dtype) if k in FLOAT_INPUTS else v for k, v in self.inputs.items()}
+        if self.choices > 1:
+            inputs.update({k: inputs[k].repeat_interleave(self.choices, 0) for k in REGION_INPUTS if k in inputs})
+        return inputs
 
     def __len__(self) -> int:
         return len(self.examples)
