@@ -69,6 +69,17 @@ def test_four_choices_share_one_image_row_until_the_device(tmp_path):
     inputs = batch.model_inputs()
     assert inputs["region_features"].shape[0] == b * CHOICES
     assert torch.equal(inputs["region_features"][5], batch.inputs["region_features"][1].float())
+    from vilbert.data.tokenizer import load_tokenizer
+    from vilbert.tasks.vcr import object_words
+
+    tokenizer, questions = load_tokenizer(None), sample["meta"]["questions"]
+    for i in range(len(examples)):  # the labelled row ends with the right answer / rationale
+        q = questions[i // 2]
+        words = object_words(sample["meta"]["names"], q["annot_id"])
+        right = q["answer_choices"][q["answer_label"]] if i % 2 == 0 else q["rationale_choices"][q["rationale_label"]]
+        row = i * CHOICES + int(batch.targets["labels"][i])
+        text = tokenizer.decode(batch.inputs["input_ids"][row][batch.inputs["attention_mask"][row].bool()])
+        assert text.endswith(f"{vcr_text(right, words)} [SEP]")
     types = batch.inputs["token_type_ids"][0][batch.inputs["attention_mask"][0].bool()]
     assert types[0] == 0 and types[-1] == 1 and set(types.tolist()) == {0, 1}
 
