@@ -146,8 +146,31 @@ def _print_task_sets(report: dict[str, dict], out) -> None:
               f"({r['bytes_per_record'] / 1e3:.1f} kB per {r['noun']}){missing} -> {out}/{name}")
 
 
-def _vqa(args) -> int:
+def _source(tsv, features_dir, allow_pickle: bool):
+    from shards.sources import FeatureFolderSource, TsvSource
+
+    return TsvSource(tsv) if tsv else FeatureFolderSource(features_dir, allow_pickle)
+
+
+def _task_inputs(args, ground_truth: str = "") -> dict:
+    """The keyword arguments every task converter takes from the shared flags
+    (`_add_task_inputs`): the detector's regions (read, box selection) and, where the task
+    adds them, the ground-truth boxes' features (`ground_truth`: what goes without them)."""
     from shards.sources import select_boxes
+
+    low, high = args.keep_boxes
+    inputs = dict(prepare=lambda record: select_boxes(record, low, high, args.conf_threshold), max_regions=high,
+                  source_name=" ".join(args.tsv) if args.tsv else str(args.features_dir), lenient=args.lenient)
+    if ground_truth:
+        given = args.gt_tsv or args.gt_features_dir
+        inputs["gt_source"] = _source(args.gt_tsv, args.gt_features_dir, args.allow_pickle) if given else None
+        if not given:
+            print(f"note: no --gt-tsv/--gt-features-dir: {ground_truth} (the paper adds the ground-truth boxes)",
+                  file=sys.stderr)
+    return inputs
+
+
+def _vqa(args) -> int:
     from shards.vqa import read_questions, write_vqa_sets
 
     questions, annotations = _named_files(args.questions, "--questions"), _named_files(args.annotations,
@@ -156,89 +179,71 @@ def _vqa(args) -> int:
     if unknown:
         raise SystemExit(f"--annotations for {sorted(unknown)} without --questions for them")
     splits = {name: read_questions(path, annotations.get(name)) for name, path in questions.items()}
-    source = _source(args.tsv, args.features_dir, args.allow_pickle)
-    low, high = args.keep_boxes
-    report = write_vqa_sets(splits, source, args.out, _options(args), minival=args.minival,
-                            min_answer_count=args.min_answer_count,
-                            prepare=lambda record: select_boxes(record, low, high, args.conf_threshold),
-                            max_regions=high, source_name=" ".join(args.tsv) if args.tsv else str(args.features_dir),
-                            lenient=args.lenient)
+    report = write_vqa_sets(splits, _source(args.tsv, args.features_dir, args.allow_pickle), args.out,
+                            _options(args), minival=args.minival, min_answer_count=args.min_answer_count,
+                            **_task_inputs(args))
     _print_task_sets(report, args.out)
     return 0
-
-
-def _source(tsv, features_dir, allow_pickle: bool):
-    from shards.sources import FeatureFolderSource, TsvSource
-
-    return TsvSource(tsv) if tsv else FeatureFolderSource(features_dir, allow_pickle)
 
 
 def _refcoco(args) -> int:
     from shards.refcoco import read_refs, write_refer_sets
-    from shards.sources import select_boxes
 
-    splits = read_refs(args.refs, args.instances)
-    gt = _source(args.gt_tsv, args.gt_features_dir, args.allow_pickle) if args.gt_tsv or args.gt_features_dir \
-        else None
-    if gt is None:
-        print("note: no --gt-tsv/--gt-features-dir: the train split's regions are the detector's only (the paper "
-              "adds the ground-truth boxes)", file=sys.stderr)
-    low, high = args.keep_boxes
-    report = write_refer_sets(splits, _source(args.tsv, args.features_dir, args.allow_pickle), args.out,
-                              _options(args), gt_source=gt,
-                              prepare=lambda record: select_boxes(record, low, high, args.conf_threshold),
-                              max_regions=high,
-                              source_name=" ".join(args.tsv) if args.tsv else str(args.features_dir),
-                              lenient=args.lenient)
-    _print_task_sets(report, args.out)
-    return 0
-
-
-def _toyrefcoco(args) -> int:
-    from shards.toyrefcoco import write_toy_refcoco
-
-    report = write_toy_refcoco(args.out, args.images, args.val_images, seed=args.seed, feature_dim=args.feature_dim,
-                               options=_options(args), world=_world(args))
+    report = write_refer_sets(read_refs(args.refs, args.instances),
+                              _source(args.tsv, args.features_dir, args.allow_pickle), args.out, _options(args),
+                              **_task_inputs(args, "the train split's regions are the detector's only"))
     _print_task_sets(report, args.out)
     return 0
 
 
 def _vcr(args) -> int:
-    from shards.sources import select_boxes
     from shards.vcr import metadata_files, read_annotations, write_vcr_sets
 
     splits = {name: read_annotations(path) for name, path in _named_files(args.annotations, "--annotations").items()}
-    gt = _source(args.gt_tsv, args.gt_features_dir, args.allow_pickle) if args.gt_tsv or args.gt_features_dir \
-        else None
-    if gt is None:
-        print("note: no --gt-tsv/--gt-features-dir: the regions are the detector's only (the paper adds the "
-              "ground-truth boxes)", file=sys.stderr)
-    low, high = args.keep_boxes
     report = write_vcr_sets(splits, metadata_files(splits, args.images_dir),
                             _source(args.tsv, args.features_dir, args.allow_pickle), args.out, _options(args),
-                            gt_source=gt, prepare=lambda record: select_boxes(record, low, high, args.conf_threshold),
-                            max_regions=high, source_name=" ".join(args.tsv) if args.tsv else str(args.features_dir),
-                            lenient=args.lenient)
+                            **_task_inputs(args, "the regions are the detector's only"))
     _print_task_sets(report, args.out)
     return 0
 
 
-def _toyvcr(args) -> int:
-    from shards.toyvcr import write_toy_vcr
+def _toy_task(args) -> int:
+    """`toyvqa`, `toyrefcoco`, `toyvcr`: a toy-world task's train/ and val/ shard sets."""
+    import importlib
 
-    report = write_toy_vcr(args.out, args.images, args.val_images, seed=args.seed, feature_dim=args.feature_dim,
-                           options=_options(args), world=_world(args))
+    module, writer = TOY_TASKS[args.command][:2]
+    write = getattr(importlib.import_module(module), writer)
+    report = write(args.out, args.images, args.val_images, seed=args.seed, feature_dim=args.feature_dim,
+                   options=_options(args), world=_world(args))
     _print_task_sets(report, args.out)
     return 0
 
 
-def _toyvqa(args) -> int:
-    from shards.toyvqa import write_toy_vqa
+# command -> (module, writer, help, what one training image gives)
+TOY_TASKS = {
+    "toyvqa": ("shards.toyvqa", "write_toy_vqa", "toy-world VQA", "5 questions"),
+    "toyrefcoco": ("shards.toyrefcoco", "write_toy_refcoco", "toy-world referring-expression", "up to 3 expressions"),
+    "toyvcr": ("shards.toyvcr", "write_toy_vcr", "toy-world VCR", "2 questions"),
+}
 
-    report = write_toy_vqa(args.out, args.images, args.val_images, seed=args.seed, feature_dim=args.feature_dim,
-                           options=_options(args), world=_world(args))
-    _print_task_sets(report, args.out)
-    return 0
+
+def _add_task_inputs(parser: argparse.ArgumentParser, ground_truth: str = "") -> None:
+    """The flags every task converter shares: the detector's features and box selection, the
+    output, and (`ground_truth`: their help) the ground-truth boxes' features."""
+    features = parser.add_mutually_exclusive_group(required=True)
+    features.add_argument("--tsv", nargs="+", help="bottom-up-attention TSV files of the images")
+    features.add_argument("--features-dir", help="folder of per-image .npz/.npy files")
+    if ground_truth:
+        gt = parser.add_mutually_exclusive_group()
+        gt.add_argument("--gt-tsv", nargs="+", help=f"TSV files of features at {ground_truth}")
+        gt.add_argument("--gt-features-dir", help=f"folder of per-image .npz/.npy features at {ground_truth}")
+    parser.add_argument("--allow-pickle", action="store_true", help="as for `write`")
+    parser.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--keep-boxes", nargs=2, type=int, default=(10, 100), metavar=("MIN", "MAX"))
+    parser.add_argument("--conf-threshold", type=float, default=0.2)
+    _add_shard_options(parser)
+    parser.set_defaults(samples_per_shard=250)  # ~100 MB of 100 x 2048 float16 regions per shard
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,27 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="e.g. train=v2_OpenEnded_mscoco_train2014_questions.json val=... test-dev=...")
     vqa.add_argument("--annotations", nargs="*", default=[], metavar="SPLIT=FILE",
                      help="e.g. train=v2_mscoco_train2014_annotations.json val=...")
-    features = vqa.add_mutually_exclusive_group(required=True)
-    features.add_argument("--tsv", nargs="+", help="bottom-up-attention TSV files of the COCO images")
-    features.add_argument("--features-dir", help="folder of per-image .npz/.npy files")
-    vqa.add_argument("--allow-pickle", action="store_true", help="as for `write`")
-    vqa.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
-    vqa.add_argument("--out", required=True)
     vqa.add_argument("--minival", type=int, default=3000, help="val questions held out as minival (0: none)")
     vqa.add_argument("--min-answer-count", type=int, default=9, help="questions an answer must be the answer of")
-    vqa.add_argument("--keep-boxes", nargs=2, type=int, default=(10, 100), metavar=("MIN", "MAX"))
-    vqa.add_argument("--conf-threshold", type=float, default=0.2)
-    _add_shard_options(vqa)
-    vqa.set_defaults(run=_vqa, samples_per_shard=250)  # ~100 MB of 100 x 2048 float16 regions per shard
-
-    toyvqa = commands.add_parser("toyvqa", help="generate toy-world VQA task shards (train/ and val/)")
-    toyvqa.add_argument("--out", required=True)
-    toyvqa.add_argument("--images", type=_count, default=4000, help="training images (5 questions each)")
-    toyvqa.add_argument("--val-images", type=int, default=500)
-    toyvqa.add_argument("--feature-dim", type=_count, default=2048, help="as the toy world it goes with")
-    _add_world_options(toyvqa)
-    _add_shard_options(toyvqa)
-    toyvqa.set_defaults(run=_toyvqa, samples_per_shard=250)
+    _add_task_inputs(vqa)
+    vqa.set_defaults(run=_vqa)
 
     refcoco = commands.add_parser(
         "refcoco", help="build referring-expression task shards (RefCOCO+, RefCOCO, RefCOCOg) from the refer "
@@ -316,29 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "pickle: it is read without running anything, and refused if it names any class or function.")
     refcoco.add_argument("--refs", required=True, help="refs(unc).p of the dataset (refcoco+/refs(unc).p)")
     refcoco.add_argument("--instances", required=True, help="its instances.json (the referred boxes)")
-    features = refcoco.add_mutually_exclusive_group(required=True)
-    features.add_argument("--tsv", nargs="+", help="bottom-up-attention TSV files of the COCO images")
-    features.add_argument("--features-dir", help="folder of per-image .npz/.npy files")
-    gt = refcoco.add_mutually_exclusive_group()
-    gt.add_argument("--gt-tsv", nargs="+", help="TSV files of features at the ground-truth boxes (train split)")
-    gt.add_argument("--gt-features-dir", help="folder of per-image .npz/.npy features at the ground-truth boxes")
-    refcoco.add_argument("--allow-pickle", action="store_true", help="as for `write`")
-    refcoco.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
-    refcoco.add_argument("--out", required=True)
-    refcoco.add_argument("--keep-boxes", nargs=2, type=int, default=(10, 100), metavar=("MIN", "MAX"))
-    refcoco.add_argument("--conf-threshold", type=float, default=0.2)
-    _add_shard_options(refcoco)
-    refcoco.set_defaults(run=_refcoco, samples_per_shard=250)
-
-    toyrefcoco = commands.add_parser("toyrefcoco",
-                                     help="generate toy-world referring-expression task shards (train/ and val/)")
-    toyrefcoco.add_argument("--out", required=True)
-    toyrefcoco.add_argument("--images", type=_count, default=4000, help="training images (up to 3 expressions each)")
-    toyrefcoco.add_argument("--val-images", type=int, default=500)
-    toyrefcoco.add_argument("--feature-dim", type=_count, default=2048, help="as the toy world it goes with")
-    _add_world_options(toyrefcoco)
-    _add_shard_options(toyrefcoco)
-    toyrefcoco.set_defaults(run=_toyrefcoco, samples_per_shard=250)
+    _add_task_inputs(refcoco, "the ground-truth boxes (train split)")
+    refcoco.set_defaults(run=_refcoco)
 
     vcr = commands.add_parser(
         "vcr", help="build VCR task shards (Q->A, QA->R) from the annotation JSONL files, the images' metadata and "
@@ -350,28 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     vcr.add_argument("--annotations", nargs="+", required=True, metavar="SPLIT=FILE",
                      help="e.g. train=train.jsonl val=val.jsonl test=test.jsonl")
     vcr.add_argument("--images-dir", required=True, help="vcr1images/: the records' metadata_fn are under it")
-    features = vcr.add_mutually_exclusive_group(required=True)
-    features.add_argument("--tsv", nargs="+", help="bottom-up-attention TSV files of the VCR images")
-    features.add_argument("--features-dir", help="folder of per-image .npz/.npy files")
-    gt = vcr.add_mutually_exclusive_group()
-    gt.add_argument("--gt-tsv", nargs="+", help="TSV files of features at the metadata boxes")
-    gt.add_argument("--gt-features-dir", help="folder of per-image .npz/.npy features at the metadata boxes")
-    vcr.add_argument("--allow-pickle", action="store_true", help="as for `write`")
-    vcr.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
-    vcr.add_argument("--out", required=True)
-    vcr.add_argument("--keep-boxes", nargs=2, type=int, default=(10, 100), metavar=("MIN", "MAX"))
-    vcr.add_argument("--conf-threshold", type=float, default=0.2)
-    _add_shard_options(vcr)
-    vcr.set_defaults(run=_vcr, samples_per_shard=250)
+    _add_task_inputs(vcr, "the metadata boxes")
+    vcr.set_defaults(run=_vcr)
 
-    toyvcr = commands.add_parser("toyvcr", help="generate toy-world VCR task shards (train/ and val/)")
-    toyvcr.add_argument("--out", required=True)
-    toyvcr.add_argument("--images", type=_count, default=4000, help="training images (2 questions each)")
-    toyvcr.add_argument("--val-images", type=int, default=500)
-    toyvcr.add_argument("--feature-dim", type=_count, default=2048, help="as the toy world it goes with")
-    _add_world_options(toyvcr)
-    _add_shard_options(toyvcr)
-    toyvcr.set_defaults(run=_toyvcr, samples_per_shard=250)
+    for command, (_, _, what, per_image) in TOY_TASKS.items():
+        toy_task = commands.add_parser(command, help=f"generate {what} task shards (train/ and val/)")
+        toy_task.add_argument("--out", required=True)
+        toy_task.add_argument("--images", type=_count, default=4000, help=f"training images ({per_image} each)")
+        toy_task.add_argument("--val-images", type=int, default=500)
+        toy_task.add_argument("--feature-dim", type=_count, default=2048, help="as the toy world it goes with")
+        _add_world_options(toy_task)
+        _add_shard_options(toy_task)
+        toy_task.set_defaults(run=_toy_task, samples_per_shard=250)
     return parser
 
 

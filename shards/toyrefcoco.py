@@ -18,8 +18,7 @@ import numpy as np
 
 from shards.build import ShardOptions
 from shards.refcoco import write_refer_sets
-from shards.toyvqa import GeneratedImages
-from shards.toyworld import ToyWorld, WorldOptions, relation
+from shards.toyworld import GeneratedImages, WorldOptions, relation, task_images
 
 REFER_FIRST_IMAGE = 2_000_000
 EXPRESSIONS_PER_IMAGE = 3
@@ -60,26 +59,19 @@ def write_toy_refcoco(out: str | Path, train_images: int, val_images: int, *, se
     """Write `out/train` and `out/val` toy referring-expression shard sets (images of the toy
     world of `seed` with `world`'s options: give the ones of the world the model was
     pretrained on)."""
-    from tqdm import tqdm
-
-    world = world or WorldOptions()
-    images_of, options = ToyWorld(seed, feature_dim, world), options or ShardOptions(samples_per_shard=250)
+    world, options = world or WorldOptions(), options or ShardOptions(samples_per_shard=250)
     rng = np.random.default_rng([seed, 0x4EF])
-    splits, images, sent_id = {}, {}, 0
-    for split, (start, count) in {"train": (REFER_FIRST_IMAGE, train_images),
-                                  "val": (REFER_FIRST_IMAGE + train_images, val_images)}.items():
-        expressions = []
-        for record in tqdm(images_of.generate(start, count), total=count, desc=f"toy refcoco {split} images",
-                           unit="img"):
-            images[record["image_id"]] = record
-            objects = record["scene"]["objects"]
-            for target in rng.permutation(len(objects))[:EXPRESSIONS_PER_IMAGE]:
-                expression = expression_for(objects, int(target), rng)
-                if expression is not None:
-                    expressions.append({"image_id": record["image_id"], "ref_id": sent_id, "sent_id": sent_id,
-                                        "expression": expression, "box": objects[target]["box"]})
-                    sent_id += 1
-        splits[split] = expressions
+    splits, images, sent_id = {"train": [], "val": []}, {}, 0
+    for split, record in task_images(seed, feature_dim, world, REFER_FIRST_IMAGE, train_images, val_images,
+                                     "toy refcoco"):
+        images[record["image_id"]] = record
+        objects = record["scene"]["objects"]
+        for target in rng.permutation(len(objects))[:EXPRESSIONS_PER_IMAGE]:
+            expression = expression_for(objects, int(target), rng)
+            if expression is not None:
+                splits[split].append({"image_id": record["image_id"], "ref_id": sent_id, "sent_id": sent_id,
+                                      "expression": expression, "box": objects[target]["box"]})
+                sent_id += 1
     return write_refer_sets(splits, GeneratedImages(images), out, options,
                             max_regions=max(len(r["boxes"]) for r in images.values()),
                             source_name=f"toyworld seed={seed} {world.describe()} images {REFER_FIRST_IMAGE}+")

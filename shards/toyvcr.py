@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.build import ShardOptions
-from shards.toyvqa import GeneratedImages
-from shards.toyworld import ToyWorld, WorldOptions
+from shards.toyworld import GeneratedImages, WorldOptions, task_images
 from shards.vcr import write_vcr_sets
 
 VCR_FIRST_IMAGE = 3_000_000
@@ -55,27 +54,19 @@ def write_toy_vcr(out: str | Path, train_images: int, val_images: int, *, seed: 
                   options: ShardOptions | None = None, world: WorldOptions | None = None) -> dict[str, dict]:
     """Write `out/train` and `out/val` toy VCR shard sets (images of the toy world of `seed`
     with `world`'s options: give the ones of the world the model was pretrained on)."""
-    from tqdm import tqdm
-
-    world = world or WorldOptions()
-    images_of, options = ToyWorld(seed, feature_dim, world), options or ShardOptions(samples_per_shard=250)
+    world, options = world or WorldOptions(), options or ShardOptions(samples_per_shard=250)
     rng = np.random.default_rng([seed, 0x7C2])
-    splits, images, truth, tight = {}, {}, {}, {}
-    for split, (start, count) in {"train": (VCR_FIRST_IMAGE, train_images),
-                                  "val": (VCR_FIRST_IMAGE + train_images, val_images)}.items():
-        questions = []
-        for record in tqdm(images_of.generate(start, count), total=count, desc=f"toy VCR {split} images", unit="img"):
-            key, objects = record["image_id"], record["scene"]["objects"]
-            images[key] = record
-            truth[key] = {"boxes": np.array([o["box"] for o in objects], np.float32),
-                          "names": [o["name"] for o in objects]}
-            first = [o["regions"][0] for o in objects]  # each object's tight box comes first among its regions
-            tight[key] = {**record, "features": record["features"][first], "boxes": truth[key]["boxes"]}
-            for _ in range(QUESTIONS_PER_IMAGE):
-                question = question_for(objects, rng, world.class_names)
-                if question is not None:
-                    questions.append({"image_id": key, "annot_id": f"{split}-{len(questions)}", **question})
-        splits[split] = questions
+    splits, images, truth, tight = {"train": [], "val": []}, {}, {}, {}
+    for split, record in task_images(seed, feature_dim, world, VCR_FIRST_IMAGE, train_images, val_images, "toy VCR"):
+        key, objects = record["image_id"], record["scene"]["objects"]
+        images[key] = record
+        truth[key] = {"boxes": np.array([o["box"] for o in objects], np.float32), "names": [o["name"] for o in objects]}
+        first = [o["regions"][0] for o in objects]  # each object's tight box comes first among its regions
+        tight[key] = {**record, "features": record["features"][first], "boxes": truth[key]["boxes"]}
+        for _ in range(QUESTIONS_PER_IMAGE):
+            question = question_for(objects, rng, world.class_names)
+            if question is not None:
+                splits[split].append({"image_id": key, "annot_id": f"{split}-{len(splits[split])}", **question})
     return write_vcr_sets(splits, truth.__getitem__, GeneratedImages(images), out, options,
                           gt_source=GeneratedImages(tight), max_regions=max(len(r["boxes"]) for r in images.values()),
                           source_name=f"toyworld seed={seed} {world.describe()} images {VCR_FIRST_IMAGE}+")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.build import ShardOptions
-from shards.toyworld import SETTINGS, SIZES, ToyWorld, WorldOptions, relation
+from shards.toyworld import SETTINGS, SIZES, GeneratedImages, WorldOptions, relation, task_images
 from shards.vqa import write_vqa_sets
 
 VQA_FIRST_IMAGE = 1_000_000
@@ -105,42 +105,22 @@ def questions_for(scene: dict, rng: np.random.Generator, world: WorldOptions) ->
     return asked
 
 
-class GeneratedImages:
-    """Generated images by id: a `shards.sources`-like reader for the task converters."""
-
-    def __init__(self, records: dict[str, dict]):
-        self.records = records
-
-    @property
-    def ids(self) -> list[str]:
-        return list(self.records)
-
-    def load(self, image_id: str) -> dict:
-        return self.records[image_id]
-
-
 def write_toy_vqa(out: str | Path, train_images: int, val_images: int, *, seed: int = 0, feature_dim: int = 2048,
                   options: ShardOptions | None = None, world: WorldOptions | None = None) -> dict[str, dict]:
     """Write `out/train` and `out/val` toy VQA shard sets (images of the toy world of `seed`
     with `world`'s options: give the ones of the world the model was pretrained on)."""
-    from tqdm import tqdm
-
-    world = world or WorldOptions()
-    images_of, options = ToyWorld(seed, feature_dim, world), options or ShardOptions(samples_per_shard=250)
+    world, options = world or WorldOptions(), options or ShardOptions(samples_per_shard=250)
     rng = np.random.default_rng([seed, 0x5A])
-    splits, images = {}, {}
-    for split, (start, count) in {"train": (VQA_FIRST_IMAGE, train_images),
-                                  "val": (VQA_FIRST_IMAGE + train_images, val_images)}.items():
-        questions = []
-        for record in tqdm(images_of.generate(start, count), total=count, desc=f"toy VQA {split} images", unit="img"):
-            images[record["image_id"]] = record
-            for question, answer, answer_type, question_type, wrong in questions_for(record["scene"], rng, world):
-                people = _people(answer, wrong, rng)
-                questions.append({"question_id": len(questions) + (0 if split == "train" else 10_000_000),
-                                  "image_id": record["image_id"], "question": question, "answers": people,
-                                  "answer_type": answer_type, "question_type": question_type,
-                                  "multiple_choice_answer": Counter(people).most_common(1)[0][0]})
-        splits[split] = questions
+    splits, images = {"train": [], "val": []}, {}
+    for split, record in task_images(seed, feature_dim, world, VQA_FIRST_IMAGE, train_images, val_images, "toy VQA"):
+        images[record["image_id"]] = record
+        questions = splits[split]
+        for question, answer, answer_type, question_type, wrong in questions_for(record["scene"], rng, world):
+            people = _people(answer, wrong, rng)
+            questions.append({"question_id": len(questions) + (0 if split == "train" else 10_000_000),
+                              "image_id": record["image_id"], "question": question, "answers": people,
+                              "answer_type": answer_type, "question_type": question_type,
+                              "multiple_choice_answer": Counter(people).most_common(1)[0][0]})
     return write_vqa_sets(splits, GeneratedImages(images), out, options, minival=0,
                           max_regions=max(len(r["boxes"]) for r in images.values()),
                           source_name=f"toyworld seed={seed} {world.describe()} images {VQA_FIRST_IMAGE}+")

@@ -260,6 +260,33 @@ def _readable(scene: dict, owner: np.ndarray) -> dict:
     return {"setting": SETTINGS[scene["setting"]], "objects": objects}
 
 
+# --- images for task converters ----------------------------------------------------------
+class GeneratedImages:
+    """Generated images by id: a `shards.sources`-like reader for the task converters."""
+
+    def __init__(self, records: dict[str, dict]):
+        self.records = records
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.records)
+
+    def load(self, image_id: str) -> dict:
+        return self.records[image_id]
+
+
+def task_images(seed: int, feature_dim: int, world: WorldOptions, first: int, train_images: int, val_images: int,
+                what: str):
+    """(split, record) of a toy task's images: `train_images` from index `first` on, then
+    `val_images`, new to any toy pretraining (which uses indices below 1,000,000)."""
+    from tqdm import tqdm
+
+    images_of = ToyWorld(seed, feature_dim, world)
+    for split, (start, count) in {"train": (first, train_images), "val": (first + train_images, val_images)}.items():
+        for record in tqdm(images_of.generate(start, count), total=count, desc=f"{what} {split} images", unit="img"):
+            yield split, record
+
+
 # --- writing shard sets ---------------------------------------------------------------
 # Shards are independent (image i depends on (seed, i) only), so each worker process
 # generates and writes whole shards: the output is the same for any number of workers.

@@ -46,9 +46,9 @@ def finetuned(tmp_path_factory, toy_vqa):
     return path, tmp_path / "run"
 
 
-def _untrained_accuracy(config_path):
-    """Val accuracy of the model the run started from (the engine seeds, then builds), and of
-    the best constant answer."""
+def _untrained_records(config_path):
+    """The task, and its validation records from the model the run started from (the engine
+    seeds, then builds)."""
     from vilbert.data import build_loader
     from vilbert.train import load_config
     from vilbert.train.finetuning import build_task_model, make_task, predict
@@ -58,7 +58,12 @@ def _untrained_accuracy(config_path):
     torch.manual_seed(config.seed)
     model, _ = build_task_model(config, task, task.index.feature_dim)
     loader, _ = build_loader(dataclasses.replace(config.data, shards=config.eval.shards), train=False, task=task)
-    records = predict(model, loader, task, torch.float32, torch.device("cpu"))
+    return task, predict(model, loader, task, torch.float32, torch.device("cpu"))
+
+
+def _untrained_accuracy(config_path):
+    """Val accuracy of the model the run started from, and of the best constant answer."""
+    task, records = _untrained_records(config_path)
     one_answer = max(task.evaluate([(example, answer) for example, _ in records])["accuracy"]
                      for answer in range(len(task.answers)))  # the best single answer to every question
     return task.evaluate(records)["accuracy"], one_answer
@@ -222,11 +227,9 @@ def test_finetuning_against_a_split_without_answers_says_so_and_calls_nothing_be
 
 def _short_finetune(tmp_path, data, task: dict, steps: int = 60, batch: int = 16):
     """A short fine-tune of `task` (its config section) on the toy shard sets in `data`, from
-    BERT (no pretraining), evaluated every 30 steps; returns its best checkpoint's record and
-    the validation records of the model it started from (seeded as the engine seeds)."""
-    from vilbert.data import build_loader
-    from vilbert.train import checkpoint, load_config
-    from vilbert.train.finetuning import build_task_model, make_task, predict
+    BERT (no pretraining), evaluated every 30 steps; returns its best checkpoint's record,
+    the validation records of the model it started from, and the task."""
+    from vilbert.train import checkpoint
 
     path = train_config(tmp_path, data, model={"preset": "small", "bert": "minilm"}, task=task,
                         data={"batch_size": batch, "shuffle_buffer": 200}, eval={"every_steps": 30},
@@ -234,12 +237,7 @@ def _short_finetune(tmp_path, data, task: dict, steps: int = 60, batch: int = 16
                         checkpoint={"every_steps": 30, "keep_last": 1}, tracking={"log_every": 10})
     done = _vilbert("finetune", "--task", task["name"], "--config", str(path))
     assert done.returncode == 0, done.stderr[-3000:]
-    config = load_config(path)
-    model_task = make_task(config)
-    torch.manual_seed(config.seed)
-    model, _ = build_task_model(config, model_task, model_task.index.feature_dim)
-    loader, _ = build_loader(dataclasses.replace(config.data, shards=config.eval.shards), train=False, task=model_task)
-    untrained = predict(model, loader, model_task, torch.float32, torch.device("cpu"))
+    model_task, untrained = _untrained_records(path)
     return checkpoint.read_best(tmp_path / "run" / "checkpoints"), untrained, model_task
 
 
