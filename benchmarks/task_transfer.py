@@ -59,8 +59,8 @@ def table(results: list[dict]) -> str:
         gains = [by["pretrained"][s] - by["none"][s] for s in seeds]
         metric = next(r["metric"] for r in results if r["task"] == task)
         shown = [spread(list(by[init].values())) if by[init] else "-" for init in INITS]
-        lines.append(f"| {task} | {metric} | {shown[0]} | {shown[1]} | {spread(gains, signed=True) if gains else '-'} | "
-                     f"{len(seeds)} |")
+        gain = spread(gains, signed=True) if gains else "-"
+        lines.append(f"| {task} | {metric} | {shown[0]} | {shown[1]} | {gain} | {len(seeds)} |")
     return "\n".join(lines)
 
 
