@@ -227,14 +227,14 @@ def test_finetuning_against_a_split_without_answers_says_so_and_calls_nothing_be
 
 def _short_finetune(tmp_path, data, task: dict, steps: int = 60, batch: int = 16):
     """A short fine-tune of `task` (its config section) on the toy shard sets in `data`, from
-    BERT (no pretraining), evaluated every 30 steps; returns its best checkpoint's record,
+    BERT (no pretraining), evaluated twice (half way and at the end); returns its best checkpoint's record,
     the validation records of the model it started from, and the task."""
     from vilbert.train import checkpoint
 
     path = train_config(tmp_path, data, model={"preset": "small", "bert": "minilm"}, task=task,
-                        data={"batch_size": batch, "shuffle_buffer": 200}, eval={"every_steps": 30},
+                        data={"batch_size": batch, "shuffle_buffer": 200}, eval={"every_steps": steps // 2},
                         optim={"steps": steps, "global_batch_size": batch, "lr": 2e-4},
-                        checkpoint={"every_steps": 30, "keep_last": 1}, tracking={"log_every": 10})
+                        checkpoint={"every_steps": steps // 2, "keep_last": 1}, tracking={"log_every": 10})
     done = _vilbert("finetune", "--task", task["name"], "--config", str(path))
     assert done.returncode == 0, done.stderr[-3000:]
     model_task, untrained = _untrained_records(path)
@@ -279,7 +279,7 @@ def test_vcr_finetune_keeps_the_best_q_ar_and_evaluates_every_question_once(tmp_
     data = tmp_path / "toyvcr"
     write_toy_vcr(data, 100, 30, feature_dim=32, options=ShardOptions(samples_per_shard=10))
     best, records, task = _short_finetune(tmp_path, data, {"name": "vcr", "max_answer_tokens": 24,
-                                                           "max_rationale_tokens": 32}, batch=8)
+                                                           "max_rationale_tokens": 32}, steps=20, batch=8)
     evaluations = [m for m in read_metrics(tmp_path / "run") if "val/q_ar" in m]
     assert len(evaluations) == 2 and best["value"] == max(m["val/q_ar"] for m in evaluations)
     assert all(0 <= m["val/q_ar"] <= min(m["val/q_a"], m["val/qa_r"]) for m in evaluations)
