@@ -87,7 +87,8 @@ class Task:
         raise NotImplementedError
 
     def predict(self, out, batch: TaskBatch) -> torch.Tensor:
-        """[B] predictions on the device (e.g. the argmax answer's index)."""
+        """[B] predictions on the device (e.g. the argmax answer's index), or [B, k] (e.g. the
+        scores of a multiple-choice example's k choices)."""
         raise NotImplementedError
 
     def evaluate(self, records: list[tuple[dict, int]]) -> dict[str, float]:
