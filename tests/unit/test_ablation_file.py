@@ -88,3 +88,12 @@ def test_table1_pairs_each_architecture_with_and_without_pretraining():
     assert "| vilbert | no | 0.505 ± 0.005 (2) |" in table1 and "| vilbert | yes | 0.705 ± 0.005 (2) |" in table1
     assert "| single_stream | no | 0.405 ± 0.005 (2) |" in table1
     assert "| single_stream | yes | 0.600 (1 failed) |" in table1
+
+
+def test_the_depth_axis_orders_presets_by_their_co_attention_layers():
+    record = {"name": "t", "tasks": ["vqa"], "varied": ["model.preset"], "reference": {"model.preset": "small"},
+              "cells": [{"model.preset": p} for p in ("small", "small_depth1", "small_depth4")]}
+    outcomes = [Outcome(Cell(v), "vqa", FINISHED, 0.1 * (i + 1)) for i, v in enumerate(record["cells"])]
+    rows = tables(record, outcomes).split("## vs model.preset")[1].splitlines()[4:7]
+    assert rows == ["| small_depth1 (1 co-attention) | 0.200 |", "| small (2 co-attention) | 0.100 |",
+                    "| small_depth4 (4 co-attention) | 0.300 |"]

@@ -29,6 +29,7 @@ from vilbert.ablation.parent import CELLS_ARTIFACT, ROLE_TAG
 from vilbert.ablation.spec import NO_PRETRAINING, SEED, Cell
 
 FINISHED, FAILED, RUNNING, MISSING, BLOCKED = "finished", "failed", "running", "missing", "not run"
+PRESET = "model.preset"  # the co-attention depth axis, by preset
 
 
 @dataclass
@@ -134,8 +135,26 @@ def along(record: dict, key: str, value: str):
         cell.values.get(k) == record["reference"].get(k) for k in others)
 
 
+def co_attention_layers(preset: str) -> int | None:
+    """How many co-attention layers a `model.preset` has (None: not a preset that says)."""
+    from vilbert.config import PRESETS
+
+    return len(PRESETS[preset]["v_biattention_id"]) if "v_biattention_id" in PRESETS.get(preset, {}) else None
+
+
 def key_values(record: dict, key: str) -> list[str]:
-    return list(dict.fromkeys(_shown(Cell(v).values.get(key)) for v in record["cells"]))
+    """`key`'s values as the tables show them, in the file's order; presets by their number
+    of co-attention layers (the paper's depth axis)."""
+    values = list(dict.fromkeys(_shown(Cell(v).values.get(key)) for v in record["cells"]))
+    if key == PRESET and all(co_attention_layers(v) is not None for v in values):
+        values.sort(key=co_attention_layers)
+    return values
+
+
+def value_label(key: str, value: str) -> str:
+    """A value as a row or an axis names it: a preset with its co-attention depth."""
+    depth = co_attention_layers(value) if key == PRESET else None
+    return value if depth is None else f"{value} ({depth} co-attention)"
 
 
 def tables(record: dict, outcomes: list[Outcome]) -> str:
@@ -163,8 +182,8 @@ def tables(record: dict, outcomes: list[Outcome]) -> str:
     for key in varied:
         held = ", ".join(f"{k}={_shown(record['reference'].get(k))}" for k in varied if k != key)
         sections += ["", f"## vs {key}" + (f" ({held})" if held else ""), ""]
-        rows = [[value] + [summary(_group(outcomes, stage, along(record, key, value))) for stage in stages]
-                for value in key_values(record, key)]
+        rows = [[value_label(key, value)] + [summary(_group(outcomes, stage, along(record, key, value)))
+                                       for stage in stages] for value in key_values(record, key)]
         sections.append(_table([key] + [_column(s) for s in stages], rows))
     return "\n".join(sections) + "\n"
 
@@ -199,7 +218,7 @@ def plot(record: dict, outcomes: list[Outcome], key: str, path: Path) -> None:
                 xs.append(x), means.append(mean(got)), spreads.append(pstdev(got))
         if xs:
             axes.errorbar(xs, means, yerr=spreads, marker="o", capsize=3, label=_column(stage))
-    axes.set_xticks(range(len(values)), values)
+    axes.set_xticks(range(len(values)), [value_label(key, v).replace(" (", "\n(") for v in values])
     axes.set_xlabel(key)
     axes.set_ylabel("metric (mean ± spread over seeds)")
     axes.set_title(f"{record['name']}: vs {key}")
