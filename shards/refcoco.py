@@ -16,7 +16,6 @@ and refuses every pickle that names a class or function, before anything of it r
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
 from collections import defaultdict
@@ -49,7 +48,7 @@ def read_pickle(path: str | Path):
     byte strings come back as text (UTF-8)."""
     try:
         with open(path, "rb") as f:
-            return _PlainUnpickler(io.BufferedReader(f), encoding="utf-8").load()
+            return _PlainUnpickler(f, encoding="utf-8").load()
     except pickle.UnpicklingError as e:
         raise InputError(f"{path}: refused ({e})") from None
     except (OSError, EOFError, ValueError, UnicodeDecodeError, IndexError, KeyError, TypeError) as e:
