@@ -6,7 +6,7 @@ TOY_IMAGES ?= 20000
 TOY_VAL_IMAGES ?= 1000
 ARGS ?=  # dotted overrides for the demo's run (tests/integration/test_docs.py runs it small)
 
-.PHONY: install demo toy-vqa toy-vqa-demo toy-refcoco toy-refcoco-demo toy-vcr toy-vcr-demo toy-ablation lint test bench
+.PHONY: install demo toy-vqa toy-vqa-demo toy-refcoco toy-refcoco-demo toy-vcr toy-vcr-demo toy-retrieval toy-retrieval-demo toy-ablation lint test bench
 
 # torch first, and only when absent: 2.13.0 is a CPU build here; GPU boxes bring their own.
 install:
@@ -19,10 +19,10 @@ demo: install
 	@test -f $(TOY)/train/index.json || $(PY) -m shards toyworld --out $(TOY) --images $(TOY_IMAGES) --val-images $(TOY_VAL_IMAGES) --feature-dim 256
 	$(PY) -m vilbert pretrain --config configs/toy.yaml --overwrite $(ARGS)
 
-# Toy-world task shards (new images of the same world): make toy-vqa, toy-refcoco, toy-vcr;
+# Toy-world task shards (new images of the same world): make toy-vqa, toy-refcoco, toy-vcr, toy-retrieval;
 # then make toy-<task>-demo fine-tunes the demo's pretrained model (runs/toy/model: run
 # `make demo` first) on them and evaluates the best checkpoint.
-TOY_TASKS := vqa refcoco vcr
+TOY_TASKS := vqa refcoco vcr retrieval
 $(TOY_TASKS:%=toy-%-demo): toy-%-demo: toy-%
 	@test -f runs/toy/model/config.json || { echo "no pretrained model in runs/toy/model: run make demo first"; exit 1; }
 	$(PY) -m vilbert finetune --task $* --config configs/toy_$*.yaml --overwrite

@@ -8,10 +8,12 @@ the no-pretraining baseline (text stream from BERT, the rest fresh):
 
 PRETRAINED_<seed>: a pretrained toy model (`save_pretrained` directory, e.g. runs/toy/model
 of `make demo`, or a pretraining cell of the toy ablation grid) fine-tuned with that seed.
-Each run's best validation metric is appended to <out>/results.jsonl as it comes; a rerun
-skips what is there. The task shards (`python -m shards toy<task>`, the Makefile's sizes) are
-written first if missing. `--table` prints, per task, the metric with and without
-pretraining (mean ± spread over seeds) and the gain.
+Retrieval also evaluates each pretrained model as it is (zero-shot: the alignment head's
+P(aligned)) on the same validation images as the fine-tuned models. Each run's best
+validation metric is appended to <out>/results.jsonl as it comes; a rerun skips what is
+there. The task shards (`python -m shards toy<task>`, the Makefile's sizes) are written
+first if missing. `--table` prints, per task, the metric with and without pretraining (mean
+± spread over seeds) and the gain, and zero-shot retrieval against chance.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from pathlib import Path
 
 import yaml
 
+from vilbert.tasks.retrieval import rank_metrics
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transfer import ROOT, run, spread  # noqa: E402  (the transfer benchmark's runner and formatting)
 
 INITS = ("pretrained", "none")
+ZERO_SHOT = "zero-shot"  # the pretrained model without fine-tuning (retrieval only)
 
 
 def task_config(task: str) -> dict:
@@ -61,7 +66,30 @@ def table(results: list[dict]) -> str:
         shown = [spread(list(by[init].values())) if by[init] else "-" for init in INITS]
         gain = spread(gains, signed=True) if gains else "-"
         lines.append(f"| {task} | {metric} | {shown[0]} | {shown[1]} | {gain} | {len(seeds)} |")
+    zero_shot = [r for r in results if r["init"] == ZERO_SHOT]
+    if zero_shot:
+        lines += ["", "| zero-shot | metric | pretrained, not fine-tuned | chance | seeds |", "|---|---|---|---|---|"]
+        for metric in ("r1", "r5", "r10"):
+            values = [r["metrics"][metric] for r in zero_shot]
+            chance = min(int(metric[1:]) / zero_shot[0]["metrics"]["images"], 1)
+            lines.append(f"| retrieval | {metric} | {spread(values)} | {chance:.3f} | {len(values)} |")
     return "\n".join(lines)
+
+
+def zero_shot(model: str, seed: int, out: Path) -> dict:
+    """Zero-shot retrieval of a pretrained model on the toy retrieval validation images."""
+    config = task_config("retrieval")
+    results = out / "retrieval" / f"zero-shot-s{seed}.json"
+    start = time.time()
+    run(["-m", "vilbert", "evaluate", "--task", "retrieval", "--zero-shot", "--checkpoint", model, "--split",
+         config["eval"]["shards"], "--max-images", str(config["task"]["max_images"]), "--out", str(results),
+         "tracking.enabled=false"], out / "logs" / f"retrieval-{ZERO_SHOT}-s{seed}.log")
+    captions = json.loads(results.read_text())
+    metrics = rank_metrics([c["above"] for c in captions], [c["tied"] for c in captions])
+    images = len({c["image"] for c in captions})
+    return {"task": "retrieval", "seed": seed, "init": ZERO_SHOT, "metric": "val/r1", "value": metrics["r1"],
+            "metrics": {**metrics, "images": images}, "model": model, "minutes": (time.time() - start) / 60,
+            "overrides": []}
 
 
 def main() -> int:
@@ -86,6 +114,12 @@ def main() -> int:
     for seed, model in sorted((int(s), m) for s, m in models.items()):  # seed by seed: partial results stay paired
         for task in args.tasks:
             write_data(task, out)
+            if task == "retrieval" and (task, seed, ZERO_SHOT) not in done:
+                record = zero_shot(model, seed, out)
+                with results_file.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                results.append(record)
+                print(f"retrieval seed {seed} zero-shot: R@1 {record['value']:.3f}", flush=True)
             for init in INITS:
                 if (task, seed, init) in done:
                     continue

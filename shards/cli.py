@@ -207,6 +207,22 @@ def _vcr(args) -> int:
     return 0
 
 
+def _retrieval(args) -> int:
+    from shards.retrieval import read_karpathy, write_retrieval_sets
+
+    report = write_retrieval_sets(read_karpathy(args.karpathy), _source(args.tsv, args.features_dir, args.allow_pickle),
+                                  args.out, _options(args), **_task_inputs(args))
+    _print_task_sets(report, args.out)
+    return 0
+
+
+def _neighbours(args) -> int:
+    from shards.neighbours import NEIGHBOURS, write_hard_negatives
+
+    print(f"wrote {write_hard_negatives(args.shards, args.k or NEIGHBOURS)}")
+    return 0
+
+
 def _toy_task(args) -> int:
     """`toyvqa`, `toyrefcoco`, `toyvcr`: a toy-world task's train/ and val/ shard sets."""
     import importlib
@@ -224,6 +240,7 @@ TOY_TASKS = {
     "toyvqa": ("shards.toyvqa", "write_toy_vqa", "toy-world VQA", "5 questions"),
     "toyrefcoco": ("shards.toyrefcoco", "write_toy_refcoco", "toy-world referring-expression", "up to 3 expressions"),
     "toyvcr": ("shards.toyvcr", "write_toy_vcr", "toy-world VCR", "2 questions"),
+    "toyretrieval": ("shards.toyretrieval", "write_toy_retrieval", "toy-world image-retrieval", "3-5 captions"),
 }
 
 
@@ -319,6 +336,24 @@ def build_parser() -> argparse.ArgumentParser:
     vcr.add_argument("--images-dir", required=True, help="vcr1images/: the records' metadata_fn are under it")
     _add_task_inputs(vcr, "the metadata boxes")
     vcr.set_defaults(run=_vcr)
+
+    retrieval = commands.add_parser(
+        "retrieval", help="build image-retrieval task shards (Flickr30k, COCO) from a Karpathy-split dataset JSON "
+                          "and detector features",
+        description="One sample per image (regions once, its captions), one shard set per split (train with "
+                    "restval, val, test), and the train set's hard negatives (each image's nearest neighbours by "
+                    "mean region feature) beside it.")
+    retrieval.add_argument("--karpathy", required=True, help="e.g. dataset_flickr30k.json")
+    _add_task_inputs(retrieval)
+    retrieval.set_defaults(run=_retrieval)
+
+    neighbours = commands.add_parser(
+        "neighbours", help="compute a shard set's hard negatives for retrieval training (once; cached beside it)",
+        description="Each image's nearest neighbours among the set's images by cosine similarity of mean region "
+                    "features, written beside the shards, where retrieval training draws its hard negatives.")
+    neighbours.add_argument("shards", help="shard-set directory")
+    neighbours.add_argument("--k", type=_count, help="neighbours per image (default: 100, the official pool's size)")
+    neighbours.set_defaults(run=_neighbours)
 
     for command, (_, _, what, per_image) in TOY_TASKS.items():
         toy_task = commands.add_parser(command, help=f"generate {what} task shards (train/ and val/)")

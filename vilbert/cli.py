@@ -89,9 +89,15 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from vilbert.train.finetuning import evaluate_run
+    from vilbert.train.finetuning import evaluate_run, evaluate_zero_shot
 
-    metrics = evaluate_run(args.checkpoint, args.split, args.out, args.tag, args.overrides)
+    overrides = [*args.overrides, *([f"task.max_images={args.max_images}"] if args.max_images else [])]
+    if args.zero_shot:
+        if args.tag:
+            raise ValueError("--tag picks a fine-tuning checkpoint; --zero-shot evaluates a pretrained model directory")
+        metrics = evaluate_zero_shot(args.checkpoint, args.split, args.task, args.out, overrides)
+    else:
+        metrics = evaluate_run(args.checkpoint, args.split, args.out, args.tag, overrides)
     if os.environ.get("RANK", "0") == "0":
         for name, value in metrics.items():
             print(f"{args.split} {name}: {value:.4f}")
@@ -148,8 +154,10 @@ def _check_evaluate(args: argparse.Namespace, world_size: int) -> None:
     from vilbert.tasks import task_class
 
     task_class(args.task)
-    if not (Path(args.checkpoint) / "config.yaml").exists():
-        raise FileNotFoundError(f"{args.checkpoint} is not a fine-tuning output directory (no config.yaml)")
+    needs = "config.json" if args.zero_shot else "config.yaml"
+    if not (Path(args.checkpoint) / needs).exists():
+        what = "pretrained model directory" if args.zero_shot else "fine-tuning output directory"
+        raise FileNotFoundError(f"{args.checkpoint} is not a {what} (no {needs})")
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,11 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "task's official metric when the split has labels, write the predictions in the evaluation "
                     "server's format, and add the metrics to the run's MLflow run (test/..., or val/...).")
     evaluate.add_argument("--task", required=True)
-    evaluate.add_argument("--checkpoint", required=True, help="the fine-tuning output directory")
+    evaluate.add_argument("--checkpoint", required=True,
+                          help="the fine-tuning output directory (--zero-shot: a pretrained model directory)")
     evaluate.add_argument("--split", required=True,
                           help="'val' (the run's eval.shards), 'train', or a shard set, e.g. data/vqa/test-dev")
     evaluate.add_argument("--out", help="results JSON (default: <checkpoint>/results-<split>.json)")
     evaluate.add_argument("--tag", help="a checkpoint tag instead of the best model")
+    evaluate.add_argument("--zero-shot", action="store_true",
+                          help="evaluate a pretrained model as it is, scoring with its pretraining heads (retrieval: "
+                               "P(aligned) of the alignment head); --split is then a shard set")
+    evaluate.add_argument("--max-images", type=int, default=0,
+                          help="retrieval: only the split's first N images and their captions (quick runs)")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.batch_size=512")
     evaluate.set_defaults(run=_evaluate, check=_check_evaluate, launchable=True)
 

@@ -64,7 +64,8 @@ def test_four_choices_share_one_image_row_until_the_device(tmp_path):
     assert all(e["features"] is examples[0]["features"] for e in examples)
     batch = task.collate(examples)
     b = len(examples)
-    assert batch.choices == CHOICES and batch.inputs["region_features"].shape[0] == b
+    assert batch.region_rows.tolist() == [i // CHOICES for i in range(b * CHOICES)]
+    assert batch.inputs["region_features"].shape[0] == b
     assert batch.inputs["input_ids"].shape[0] == b * CHOICES
     inputs = batch.model_inputs()
     assert inputs["region_features"].shape[0] == b * CHOICES

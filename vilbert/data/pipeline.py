@@ -157,6 +157,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.seed_offset, self.feature_dim = rank, world_size, seed_offset, feature_dim
         self.num_classes, self.expected = num_classes, expected or {}
         self.task = task  # None: pretraining (caption pairs); else a `vilbert.tasks.Task` (unpack + collate)
+        self.unpack = task.unpacker(config.shards, train) if task is not None else None  # sample -> examples
         self.health = DataHealth(config.workers)
 
     def _worker(self) -> tuple[int, int]:
@@ -203,7 +204,7 @@ class ShardStream(IterableDataset):
             members += 1
             if problem is None and self.task is not None:
                 try:
-                    sample = self.task.examples(sample)
+                    sample = self.unpack(sample)
                 except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
                     problem = f"task {self.task.name} cannot read it ({type(e).__name__}: {e})"
             if problem is not None:

@@ -77,21 +77,41 @@ def decode_sample(data: bytes, verify: bool = True) -> dict:
         raise BadSample(f"not a vilbert sample (magic {bytes(data[:4])!r})")
     if start + length > len(data):
         raise BadSample(f"header length {length} runs past the sample's {len(data)} bytes")
-    try:
-        sample = json.loads(bytes(view[start:start + length]).rstrip(b"\0"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadSample(f"undecodable header: {e}") from None
-    if not isinstance(sample, dict):
-        raise BadSample(f"header is a JSON {type(sample).__name__}, not an object")
-    for name, kind in _HEADER_FIELDS.items():
-        if not isinstance(sample.get(name), kind) or isinstance(sample[name], bool):
-            raise BadSample(f"header field {name!r} is {sample.get(name)!r:.40}, expected a {kind.__name__}")
+    sample = _header(bytes(view[start:start + length]))
     payload = start + length + (-(start + length) % _ALIGN)
     for name, spec in sample.pop("arrays").items():
         if name in sample:
             raise BadSample(f"array {name!r} has the name of a header field")
         sample[name] = _array(view, payload, name, spec)
     return sample
+
+
+def read_header(file, size: int) -> dict:
+    """The header fields (arrays as descriptors, nothing checksummed) of the `size`-byte
+    sample at a binary file's position, reading the header only. Raises BadSample."""
+    preamble = file.read(_PREAMBLE.size)
+    if len(preamble) < _PREAMBLE.size or preamble[:4] not in (MAGIC, LEGACY_MAGIC):
+        raise BadSample(f"not a vilbert sample (magic {bytes(preamble[:4])!r})")
+    (length,), start = struct.unpack_from("<I", preamble, 4), _PREAMBLE.size
+    if preamble[:4] == LEGACY_MAGIC:  # magic and length only: the header starts at byte 8
+        file.seek(8 - _PREAMBLE.size, 1)
+        start = 8
+    if start + length > size:
+        raise BadSample(f"header length {length} runs past the sample's {size} bytes")
+    return _header(file.read(length))
+
+
+def _header(raw: bytes) -> dict:
+    try:
+        header = json.loads(raw.rstrip(b"\0"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadSample(f"undecodable header: {e}") from None
+    if not isinstance(header, dict):
+        raise BadSample(f"header is a JSON {type(header).__name__}, not an object")
+    for name, kind in _HEADER_FIELDS.items():
+        if not isinstance(header.get(name), kind) or isinstance(header[name], bool):
+            raise BadSample(f"header field {name!r} is {header.get(name)!r:.40}, expected a {kind.__name__}")
+    return header
 
 
 def _array(view: memoryview, payload: int, name: str, spec) -> np.ndarray:

@@ -13,6 +13,7 @@ metrics (string normalisation, leave-one-out averages) are simplest to get exact
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from vilbert.data.shard_index import ShardIndex
 
 FLOAT_INPUTS = ("region_features", "region_locations")  # cast to the run's float type
-REGION_INPUTS = (*FLOAT_INPUTS, "region_mask")  # one row per image; repeated per choice on the device
+REGION_INPUTS = (*FLOAT_INPUTS, "region_mask")  # one row per image; spread over the text rows on the device
 
 
 @dataclass
@@ -29,21 +30,23 @@ class TaskBatch:
     targets: dict[str, torch.Tensor]  # what the loss and the training metric compare with
     examples: list[dict] = field(default_factory=list)  # host records: ids and labels for evaluation
     real_tokens: int = 0  # unpadded text tokens (the engine's tokens/s)
-    choices: int = 1  # text rows per image row: a multiple-choice example's sequences share its image
+    region_rows: torch.Tensor | None = None  # [text rows]: the image row each text row meets (None: row i, row i)
 
     def to(self, device) -> TaskBatch:
         def move(tensors):
             return {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
 
-        return TaskBatch(move(self.inputs), move(self.targets), self.examples, self.real_tokens, self.choices)
+        rows = None if self.region_rows is None else self.region_rows.to(device, non_blocking=True)
+        return TaskBatch(move(self.inputs), move(self.targets), self.examples, self.real_tokens, rows)
 
     def model_inputs(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """The model's keyword arguments. With `choices` > 1 the region inputs hold one row per
-        example and the text inputs `choices` rows per example: the regions cross to the device
-        once and are repeated there, row i of the text meeting image row i // choices."""
+        """The model's keyword arguments. With `region_rows` the region inputs hold each image
+        once and the text inputs one row per (text, image) pair to score: the images cross to
+        the device once and are spread over the text rows there (a multiple-choice example's
+        sequences share its image; a retrieval caption meets several images)."""
         inputs = {k: v.to(dtype) if k in FLOAT_INPUTS else v for k, v in self.inputs.items()}
-        if self.choices > 1:
-            inputs.update({k: inputs[k].repeat_interleave(self.choices, 0) for k in REGION_INPUTS if k in inputs})
+        if self.region_rows is not None:
+            inputs.update({k: inputs[k].index_select(0, self.region_rows) for k in REGION_INPUTS if k in inputs})
         return inputs
 
     def __len__(self) -> int:
@@ -75,6 +78,12 @@ class Task:
 
     def check_split(self, index: ShardIndex, where: str) -> None:
         """Raise if a shard set (validation, test) does not fit the task built from the training set."""
+
+    def unpacker(self, shards: str, train: bool) -> Callable[[dict], list[dict]]:
+        """What turns a sample of the shard set `shards` into examples, for training or for
+        evaluation: `examples`, unless the task's examples need more than their own sample
+        (retrieval: other images of the set). Called once per data stream, before its workers start."""
+        return self.examples
 
     def examples(self, sample: dict) -> list[dict]:
         raise NotImplementedError

@@ -16,7 +16,7 @@
 One model learns both: every question gives a Q->A and a QA->R example (a question
 without labels, of the test split, gives its Q->A example and a QA->R example for each of
 the 4 answers, as the leaderboard wants). The 4 sequences of an example share its image:
-the batch holds the image's regions once (`TaskBatch.choices`), and the model's inputs
+the batch holds the image's regions once (`TaskBatch.region_rows`), and the model's inputs
 repeat them on the device, so the host never copies an image 4 times.
 
 A shard sample is one image with its questions in `meta["questions"]` (annot_id, question,
@@ -161,7 +161,7 @@ class VCR(Task):
                       region_features=features, region_locations=locations, region_mask=region_mask)
         records = [{k: e[k] for k in ("annot_id", "kind", "given", "label")} for e in examples]
         return TaskBatch(inputs, {"labels": torch.tensor([max(e["label"], 0) for e in examples])}, records,
-                         int(attention_mask.sum()), choices=CHOICES)
+                         int(attention_mask.sum()), torch.arange(len(examples)).repeat_interleave(CHOICES))
 
     @staticmethod
     def _scores(out, batch: TaskBatch) -> torch.Tensor:

@@ -167,44 +167,89 @@ def evaluate_run(run_dir: str | Path, split: str, out: str | Path | None = None,
     split without labels); writes the predictions in the server's format to `out` (default
     `<run_dir>/results-<split name>.json`) and logs the metrics to the run's MLflow run."""
     from vilbert.config import ViLBERTConfig
-    from vilbert.data import build_loader
-    from vilbert.data.pipeline import shard_index
     from vilbert.modeling.registry import TASKS, model_class
     from vilbert.train import checkpoint
     from vilbert.train.config import load_config
-    from vilbert.train.runtime import start_runtime
-    from vilbert.train.tracking import log_evaluation
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a fine-tuning output directory (no config.yaml)")
     config = load_config(run_dir / "config.yaml", overrides)
-    runtime = start_runtime(config, training=False)
-    env, device, dtype = runtime.env, runtime.device, runtime.dtype
     shards = {"val": config.eval.shards, "train": config.data.shards}.get(split, split)
-    split_name = split if split in ("val", "train") else Path(split.rstrip("/")).name
-    data = dataclasses.replace(config.data, shards=shards, fraction=1.0)
-    task = make_task(config)
-    task.check_split(shard_index(data), shards)
     cls = model_class(config.model.arch, TASKS)
     if tag is None:
         model = cls.from_pretrained(run_dir / "model")
     else:
         model = cls(ViLBERTConfig.from_json_file(config.checkpoint_dir / checkpoint.MODEL_CONFIG))
         model.load_state_dict(checkpoint.fp32_state_dict(config.checkpoint_dir, tag))
+    best = checkpoint.read_best(config.checkpoint_dir)
+    step = checkpoint.tag_step(tag) if tag else best["step"] if best else 0  # the evaluated model's step
+    out = Path(out or run_dir / f"results-{_split_name(split)}.json")
+    return _evaluate_split(config, make_task(config), model, shards, out, run_dir, "val" if split == "val" else "test",
+                           step)
+
+
+def evaluate_zero_shot(model_dir: str | Path, split: str, task_name: str, out: str | Path | None = None,
+                       overrides: list[str] = ()) -> dict[str, float]:
+    """Evaluate a pretrained model (a `save_pretrained` directory of pretraining), not
+    fine-tuned, on the shard set `split` with a task that can score with the pretraining
+    heads (retrieval: the alignment head). Writes the results to `out` (default
+    `<model_dir>/zero-shot-<task>-<split name>.json`); where the model is a pretraining run's
+    export (`<run>/model`), the metrics go to that run's metrics.jsonl and MLflow run too
+    (as `zero_shot/<task>/...`)."""
+    from vilbert.config import ViLBERTConfig
+    from vilbert.modeling.registry import PRETRAINING, class_named, model_class
+    from vilbert.train.config import load_config
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a pretrained model directory (no config.json): give the "
+                                "`model` directory of a pretraining run, or convert-official output")
+    cls = class_named((ViLBERTConfig.from_json_file(model_dir / "config.json").architectures or ["?"])[0])
+    if not any(cls is model_class(arch, PRETRAINING) for arch in ("vilbert", "single_stream")):
+        raise ValueError(f"{model_dir} holds a {cls.__name__}: zero-shot evaluation needs a pretrained model "
+                         "(with its alignment head), not a fine-tuned one")
+    run_dir = model_dir.parent if (model_dir.parent / "config.yaml").is_file() else None
+    config = load_config(None, [*overrides, f"task.name={task_name}", "task.zero_shot=true", f"data.shards={split}"])
+    if run_dir is not None:  # the pretraining run's tracking (its MLflow store and run), as overridden
+        config.tracking = load_config(run_dir / "config.yaml",
+                                      [o for o in overrides if o.startswith("tracking.")]).tracking
+    task = make_task(config)  # built on the split itself: there is no training set
+    return _evaluate_split(config, task, cls.from_pretrained(model_dir), split,
+                           Path(out or model_dir / f"zero-shot-{task_name}-{_split_name(split)}.json"), run_dir,
+                           f"zero_shot/{task_name}", None)
+
+
+def _split_name(split: str) -> str:
+    return split if split in ("val", "train") else Path(split.rstrip("/")).name
+
+
+def _evaluate_split(config: TrainConfig, task, model, shards: str, out: Path, run_dir: Path | None, prefix: str,
+                    step: int | None) -> dict[str, float]:
+    """Predict every example of `shards` with `model` (all ranks), score with `task`, write the
+    results to `out` and, with a `run_dir`, add the metrics (`<prefix>/<name>`) to that run's
+    records."""
+    from vilbert.data import build_loader
+    from vilbert.data.pipeline import shard_index
+    from vilbert.train.runtime import start_runtime
+    from vilbert.train.tracking import log_evaluation, read_metrics
+
+    runtime = start_runtime(config, training=False)
+    env, device, dtype = runtime.env, runtime.device, runtime.dtype
+    data = dataclasses.replace(config.data, shards=shards, fraction=1.0)
+    task.check_split(shard_index(data), shards)
     model.to(device=device, dtype=dtype)
     loader, _ = build_loader(data, train=False, rank=env.rank, world_size=env.world_size, task=task)
     records = predict(model, loader, task, dtype, device, show_progress=env.is_main, source=shards)
     metrics = task.evaluate(records)
     if env.is_main:
-        out = Path(out or run_dir / f"results-{split_name}.json")
         out.write_text(json.dumps(task.results(records)))
-        prefix = "val" if split == "val" else "test"
-        best = checkpoint.read_best(config.checkpoint_dir)
-        step = checkpoint.tag_step(tag) if tag else best["step"] if best else 0  # the evaluated model's step
-        log_evaluation(run_dir, config.tracking, {f"{prefix}/{k}": v for k, v in metrics.items()}, step,
-                       tags={f"{prefix}.split": shards, f"{prefix}.results": str(out),
-                             **({f"{prefix}.metric_version": task.metric_version} if task.metric_version else {})})
+        if run_dir is not None:
+            if step is None:  # a pretraining run: its last step
+                step = max((m["step"] for m in read_metrics(run_dir)), default=0)
+            log_evaluation(run_dir, config.tracking, {f"{prefix}/{k}": v for k, v in metrics.items()}, step,
+                           tags={f"{prefix}.split": shards, f"{prefix}.results": str(out),
+                                 **({f"{prefix}.metric_version": task.metric_version} if task.metric_version else {})})
         log.info("%d predictions on %s -> %s%s", len(records), shards, out,
                  f" (metric: {task.metric_version})" if task.metric_version else "")
     return metrics
