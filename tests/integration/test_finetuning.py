@@ -164,7 +164,7 @@ def test_a_pretrained_encoder_is_loaded_and_the_heads_start_fresh(tmp_path, toy_
 def test_unknown_task_names_the_known_ones(tmp_path, toy_vqa):
     done = _vilbert("finetune", "--task", "nope", "--config", str(_config(tmp_path, toy_vqa)))
     assert done.returncode != 0 and "unknown task 'nope'" in done.stderr
-    assert "['refcoco', 'vcr', 'vqa']" in done.stderr
+    assert "['refcoco', 'retrieval', 'vcr', 'vqa']" in done.stderr
 
 
 def test_slurm_launcher_runs_finetune_and_evaluate(tmp_path, toy_vqa, capsys):

@@ -201,12 +201,12 @@ class TrainingChoices:
         for caption in sample["captions"]:
             other_captions = self.store.captions[self._other(rng, key)]
             random_caption = other_captions[int(rng.integers(len(other_captions)))]
-            random_image = self.store.load(self.store.keys[self._other(rng, key)])
-            hard = self.hard[key]
-            hard_image = self.store.load(hard[int(rng.integers(len(hard)))])
+            random_key = self.store.keys[self._other(rng, key)]
+            hard_key = self.hard[key][int(rng.integers(len(self.hard[key])))]
+            negatives = [self.store.load(k) for k in (random_key, hard_key)]
             examples.append({"texts": [caption, random_caption, caption, caption], "rows": [0, 0, 1, 2],
-                             "images": [image, *({k: s[k] for k in IMAGE_FIELDS} for s in (random_image, hard_image))],
-                             "record": {"image": key}})
+                             "images": [image, *({k: s[k] for k in IMAGE_FIELDS} for s in negatives)],
+                             "record": {"image": key, "random_image": random_key, "hard_image": hard_key}})
         return examples
 
 
