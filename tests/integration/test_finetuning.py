@@ -295,3 +295,50 @@ def test_vcr_finetune_keeps_the_best_q_ar_and_evaluates_every_question_once(tmp_
     for r in results:  # val: the rationales' probabilities given the right answer only
         (given,) = r["rationale_probs"].values()
         assert len(r["answer_probs"]) == 4 and sum(given) == pytest.approx(1.0)
+
+
+def test_retrieval_scores_every_pair_once_over_two_ranks_and_zero_shot_evaluates_a_pretrained_model(tmp_path):
+    """Toy retrieval on the same engine: the best R@1 is kept, and `vilbert evaluate` over 2
+    ranks ranks every caption once among all images, with the metrics of one rank; a pretrained
+    model evaluates zero-shot (alignment head) without fine-tuning. (Learning is not asserted
+    here: from BERT alone the 4-way loss stays at ln 4 for the first hundreds of steps;
+    docs/finetuning.md gives the benchmark from a toy pretraining.)"""
+    from shards.build import ShardOptions
+    from shards.toyretrieval import write_toy_retrieval
+    from vilbert.config import PRESETS, ViLBERTConfig
+    from vilbert.modeling.vilbert import ViLBERTForPretraining
+    from vilbert.train.tracking import read_metrics
+
+    data = tmp_path / "toyretrieval"
+    write_toy_retrieval(data, 60, 12, feature_dim=32, options=ShardOptions(samples_per_shard=4))  # val: 3 shards
+    best, records, task = _short_finetune(tmp_path, data, {"name": "retrieval", "max_caption_tokens": 24,
+                                                           "eval_chunk": 16}, steps=10, batch=8)
+    evaluations = [m for m in read_metrics(tmp_path / "run") if "val/r1" in m]
+    assert len(evaluations) == 2 and best["value"] == max(m["val/r1"] for m in evaluations)
+    captions = task.evaluate(records)["captions"]
+
+    out = tmp_path / "results.json"
+    evaluated = _vilbert("evaluate", "--task", "retrieval", "--checkpoint", str(tmp_path / "run"), "--split", "val",
+                         "--out", str(out), launcher=(sys.executable, "-m", "torch.distributed.run",
+                                                      "--nproc_per_node", "2", "-m", "vilbert"))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert [r["caption"] for r in results] == list(range(int(captions)))  # each caption once
+    assert len({r["image"] for r in results}) == 12 and all(len(r["top10"]) == 10 for r in results)
+    printed = {line.split()[1].rstrip(":"): float(line.split()[-1]) for line in evaluated.stdout.splitlines()
+               if line.startswith("val ")}
+    assert printed["r1"] == pytest.approx(best["value"], abs=1e-4) and printed["images"] == 12
+
+    pretrained = tmp_path / "pretrained"
+    model = ViLBERTForPretraining(ViLBERTConfig(**{**PRESETS["tiny"], "vocab_size": 30522, "v_feature_size": 32}))
+    model.save_pretrained(pretrained)
+    zero_shot = _vilbert("evaluate", "--task", "retrieval", "--zero-shot", "--checkpoint", str(pretrained), "--split",
+                         str(data / "val"), "--max-images", "6", "deepspeed=deepspeed_configs/zero1_fp32.json")
+    assert zero_shot.returncode == 0, zero_shot.stderr[-3000:]
+    shown = {line.split()[1].rstrip(":"): float(line.split()[-1]) for line in zero_shot.stdout.splitlines()
+             if line.startswith(f"{data / 'val'} ")}
+    assert shown["images"] == 6 and 0 <= shown["r1"] <= 1
+    assert len(json.loads((pretrained / "zero-shot-retrieval-val.json").read_text())) < captions  # 6 images' only
+    refused = _vilbert("evaluate", "--task", "retrieval", "--zero-shot", "--checkpoint", str(tmp_path / "run/model"),
+                       "--split", str(data / "val"))
+    assert refused.returncode != 0 and "needs a pretrained model" in refused.stderr

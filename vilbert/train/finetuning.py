@@ -243,6 +243,7 @@ def _evaluate_split(config: TrainConfig, task, model, shards: str, out: Path, ru
     records = predict(model, loader, task, dtype, device, show_progress=env.is_main, source=shards)
     metrics = task.evaluate(records)
     if env.is_main:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(task.results(records)))
         if run_dir is not None:
             if step is None:  # a pretraining run: its last step
