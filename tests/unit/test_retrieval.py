@@ -11,8 +11,15 @@ import pytest
 import torch
 
 from vilbert.tasks.base import TaskBatch
-from vilbert.tasks.retrieval import (CHOICES, HARD_NEGATIVES, Retrieval, RetrievalOptions, TrainingChoices,
-                                     read_hard_negatives, retrieval_metrics)
+from vilbert.tasks.retrieval import (
+    CHOICES,
+    HARD_NEGATIVES,
+    Retrieval,
+    RetrievalOptions,
+    TrainingChoices,
+    read_hard_negatives,
+    retrieval_metrics,
+)
 
 
 # --- the metrics ------------------------------------------------------------------------------
@@ -222,7 +229,7 @@ def test_converter_writes_karpathys_splits_with_restval_in_train_and_hard_negati
     written = {split: {s["key"]: s for s in _samples(out / split)} for split in ("train", "val", "test")}
     assert sorted(written["train"]) == ["1000092795", "1001773457", "1002674143"]
     assert list(written["val"]) == ["101362133"] and list(written["test"]) == ["102617084"]
-    for split, samples in written.items():
+    for samples in written.values():
         for key, sample in samples.items():
             assert sample["captions"] == [f"Caption {s} of {key}." for s in range(5)]
             assert len(sample["meta"]["sentences"]) == 5

@@ -217,16 +217,15 @@ class AllCaptions:
     def __init__(self, store: SampleStore, max_images: int, chunk: int):
         keys = store.keys[:max_images or None]
         self.captions = [c for i in range(len(keys)) for c in store.captions[i]]
-        owners = [key for i, key in enumerate(keys) for _ in store.captions[i]]
-        self.first = {key: owners.index(key) for key in keys}
-        self.count = Counter(owners)
+        first = np.cumsum([0] + [len(store.captions[i]) for i in range(len(keys))])
+        self.own = {key: range(int(first[i]), int(first[i + 1])) for i, key in enumerate(keys)}  # its captions' numbers
         self.chunk = chunk
 
     def __call__(self, sample: dict) -> list[dict]:
         key = sample["key"]
-        if key not in self.first:
+        if key not in self.own:
             return []  # past max_images
-        image, own = {k: sample[k] for k in IMAGE_FIELDS}, range(self.first[key], self.first[key] + self.count[key])
+        image, own = {k: sample[k] for k in IMAGE_FIELDS}, self.own[key]
         examples = []
         for start in range(0, len(self.captions), self.chunk):
             texts = self.captions[start:start + self.chunk]
