@@ -5,6 +5,7 @@
     model.bert     the BERT its text stream starts from (vilbert.bert_source: a directory,
                    `minilm`, or a Hugging Face name); empty: everything starts fresh
     model.init     fine-tuning: the pretrained model whose encoder it starts from
+    model.activation_checkpointing   recompute the encoder's activations in backward (large micro batches)
 
 Pretraining builds the pretraining heads, fine-tuning the task heads; both call `build_model`,
 and so does nothing else (checkpoint export and `convert-official` take their classes from
@@ -28,6 +29,7 @@ class ModelConfig:
     init: str = ""  # fine-tuning: a pretrained model directory (save_pretrained, convert-official); empty: none
     single_stream: bool | None = None  # deprecated: model.arch=single_stream
     overrides: dict[str, Any] = field(default_factory=dict)  # any ViLBERTConfig field
+    activation_checkpointing: bool = False  # keep no layer activations; recompute them in backward
 
     def __post_init__(self):
         if self.single_stream is not None:  # the old spelling: still read, with a warning
@@ -63,6 +65,12 @@ def build_model(model: ModelConfig, heads: str, data_fields: dict[str, int], ove
 
     `data_fields` are what the shards fix (v_feature_size, v_target_size); `overrides` what
     the task asks for (e.g. its number of answers); model.overrides win over both."""
+    built, loaded = _build(model, heads, data_fields, overrides)
+    built.set_activation_checkpointing(model.activation_checkpointing)
+    return built, loaded
+
+
+def _build(model: ModelConfig, heads: str, data_fields: dict[str, int], overrides: dict[str, Any] | None):
     from vilbert.bert_source import resolve_bert
     from vilbert.config import ViLBERTConfig
     from vilbert.convert import from_bert, load_encoder

@@ -255,3 +255,28 @@ def test_fused_layer_norm_switch_keeps_state_dict_keys(monkeypatch, tiny_config)
     assert any(isinstance(m, FakeFused) for m in fused.modules())
     assert not any(isinstance(m, FakeFused) for m in plain.modules())
     assert list(fused.state_dict()) == list(plain.state_dict())
+
+
+@pytest.mark.parametrize("cls", [ViLBERTForPretraining, SingleStreamForPretraining])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_config, cls):
+    """In training (dropout on: the recomputation must replay its masks), with every encoder
+    layer recomputed in backward, the loss and every gradient are those of the plain model."""
+    from vilbert.model_factory import ModelConfig, build_model
+    from vilbert.modeling.registry import PRETRAINING, arch_of
+
+    inputs = {**make_inputs(tiny_config), "alignment_labels": torch.tensor([0, 1, 0])}
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model, _ = build_model(ModelConfig(arch=arch_of(cls.__name__), preset="tiny",
+                                           activation_checkpointing=checkpointed), PRETRAINING, {})
+        model.train()
+        torch.manual_seed(1)
+        loss = model(**inputs).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (plain_loss, plain), (loss, grads) = results
+    assert any(getattr(m, "activation_checkpointing", False) for m in model.modules())
+    assert torch.equal(loss, plain_loss) and plain.keys() == grads.keys() and len(grads) > 20
+    for name, grad in grads.items():
+        assert torch.allclose(grad, plain[name], rtol=1e-5, atol=1e-7), name

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from vilbert.config import ViLBERTConfig
-from vilbert.modeling.layers import CoAttentionLayer, build_layer
+from vilbert.modeling.layers import CoAttentionLayer, build_layer, run_layer
 
 
 class Step(NamedTuple):
@@ -53,20 +53,24 @@ class TwoStreamEncoder(nn.Module):
         self.steps = schedule(config)
         # The official `fixed_t_layer`/`fixed_v_layer`: the first layers run without gradients.
         self.frozen = {"text": config.fixed_t_layer, "region": config.fixed_v_layer, "co": 0}
+        self.activation_checkpointing = False  # model.activation_checkpointing: recompute each layer in backward
 
     def forward(self, text, region, text_bias, region_bias, output_attentions: bool = False):
         attentions = EncoderAttentions([], [], [])
         for step in self.steps:
             frozen = step.index < self.frozen[step.kind]
             with torch.no_grad() if frozen else contextlib.nullcontext():
+                checkpointed = self.activation_checkpointing and not frozen
                 if step.kind == "co":
-                    text, region, probs = self.co_layers[step.index](text, region, text_bias, region_bias,
-                                                                     output_attentions)
+                    text, region, probs = run_layer(self.co_layers[step.index], text, region, text_bias, region_bias,
+                                                    output_attentions, checkpointed=checkpointed)
                     attentions.co.append(probs)
                 elif step.kind == "text":
-                    text, probs = self.text_layers[step.index](text, text, text_bias, output_attentions)
+                    text, probs = run_layer(self.text_layers[step.index], text, text, text_bias, output_attentions,
+                                            checkpointed=checkpointed)
                     attentions.text.append(probs)
                 else:
-                    region, probs = self.region_layers[step.index](region, region, region_bias, output_attentions)
+                    region, probs = run_layer(self.region_layers[step.index], region, region, region_bias,
+                                              output_attentions, checkpointed=checkpointed)
                     attentions.region.append(probs)
         return text, region, (attentions if output_attentions else None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from vilbert.config import ViLBERTConfig
@@ -41,6 +42,15 @@ class TransformerLayer(nn.Module):
     def forward(self, hidden, context, context_bias, need_weights=False):
         hidden, probs = self.attention(hidden, context, context_bias, need_weights)
         return self.feed_forward(hidden), probs
+
+
+def run_layer(layer: nn.Module, *args, checkpointed: bool = False):
+    """`layer(*args)`; with `checkpointed` (`model.activation_checkpointing`), in training, its
+    activations are not kept but recomputed in the backward pass (the same dropout masks:
+    the random state is replayed), trading a second forward for the memory of large batches."""
+    if checkpointed and layer.training and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
 
 
 def _stream_dims(config: ViLBERTConfig, stream: str) -> dict:

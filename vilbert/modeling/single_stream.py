@@ -14,7 +14,7 @@ from vilbert.config import ViLBERTConfig
 from vilbert.modeling.attention import attention_bias
 from vilbert.modeling.embeddings import RegionEmbeddings, TextEmbeddings
 from vilbert.modeling.heads import Pooler
-from vilbert.modeling.layers import build_layer
+from vilbert.modeling.layers import build_layer, run_layer
 from vilbert.modeling.outputs import ViLBERTModelOutput
 from vilbert.modeling.vilbert import ViLBERTForPretraining, ViLBERTForTasks, ViLBERTPreTrainedModel, _all_real
 
@@ -23,10 +23,11 @@ class SingleStreamEncoder(nn.Module):
     def __init__(self, config: ViLBERTConfig):
         super().__init__()
         self.text_layers = nn.ModuleList(build_layer(config, "text") for _ in range(config.num_hidden_layers))
+        self.activation_checkpointing = False  # model.activation_checkpointing: recompute each layer in backward
 
     def forward(self, hidden, bias):
         for layer in self.text_layers:
-            hidden, _ = layer(hidden, hidden, bias)
+            hidden, _ = run_layer(layer, hidden, hidden, bias, checkpointed=self.activation_checkpointing)
         return hidden
 
 

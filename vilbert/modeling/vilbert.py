@@ -22,6 +22,13 @@ class ViLBERTPreTrainedModel(PreTrainedModel):
     config_class = ViLBERTConfig
     base_model_prefix = "vilbert"
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute every encoder layer's activations in the backward pass instead of keeping
+        them (`model.activation_checkpointing`): the same gradients, less memory, one more forward."""
+        for module in self.modules():
+            if hasattr(module, "activation_checkpointing"):
+                module.activation_checkpointing = enabled
+
 
 def _all_real(features: torch.Tensor) -> torch.Tensor:
     return torch.ones(features.shape[:2], dtype=torch.long, device=features.device)
