@@ -32,7 +32,8 @@ def run(command: list[str], output_dir: Path, overrides: list[str]) -> dict:
     steps = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [m["train/samples_per_s"] for m in steps if "train/samples_per_s" in m][2:]  # skip warm-up steps
     return {"samples_per_s": statistics.median(rates), "data_wait": statistics.median(
-        m["train/data_wait_fraction"] for m in steps if "train/data_wait_fraction" in m)}
+        m["train/data_wait_fraction"] for m in steps if "train/data_wait_fraction" in m),
+        "peak_gb": max((m.get("system/gpu_peak_memory_gb", 0.0) for m in steps), default=0.0)}
 
 
 def main() -> None:
@@ -52,14 +53,14 @@ def main() -> None:
         common = [f"data.shards={tmp / 'toy' / 'train'}", f"optim.steps={args.steps}",
                   "tracking.enabled=false", "tracking.log_every=1", f"checkpoint.every_steps={10 ** 9}",
                   "model.bert=minilm"]
-        print("| device | preset | ranks | precision / ZeRO | micro batch | samples/s | data wait | MFU |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| device | preset | ranks | precision / ZeRO | micro batch | samples/s | data wait | MFU | peak GB |")
+        print("|---|---|---|---|---|---|---|---|---|")
         from vilbert.train.precision import native_bf16
 
         for ranks, precision in ((1, "fp32"), (2, "fp32"), (1, "bf16")):
             if precision == "bf16" and not native_bf16("cpu"):
                 print(f"| cpu ({os.cpu_count()} cores) | small | 1 | bf16 / 0 | {args.cpu_batch} | not run: this CPU "
-                      "has no native bf16 (AMX / AVX512-BF16) | - | - |")
+                      "has no native bf16 (AMX / AVX512-BF16) | - | - | - |")
                 continue
             command = [sys.executable, "-m", "vilbert"] if ranks == 1 else \
                 [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vilbert"]
@@ -71,7 +72,7 @@ def main() -> None:
                 print(f"cpu, {ranks} ranks, {precision} failed:\n{result['error']}")
                 continue
             print(f"| cpu ({os.cpu_count()} cores) | small | {ranks} | {precision} / 0 | {args.cpu_batch} | "
-                  f"{result['samples_per_s']:.1f} | {result['data_wait']:.0%} | - |", flush=True)
+                  f"{result['samples_per_s']:.1f} | {result['data_wait']:.0%} | - | - |", flush=True)
         if not torch.cuda.is_available():
             print("no GPU: GPU figures not measured")
             return
@@ -86,7 +87,8 @@ def main() -> None:
                 continue  # out of memory: try a smaller micro batch
             mfu = 6 * parameters * SEQUENCE * result["samples_per_s"] / (args.gpu_peak_tflops * 1e12)
             print(f"| {torch.cuda.get_device_name()} | base | 1 | bf16 / 2 | {batch} | "
-                  f"{result['samples_per_s']:.1f} | {result['data_wait']:.0%} | {mfu:.1%} |")
+                  f"{result['samples_per_s']:.1f} | {result['data_wait']:.0%} | {mfu:.1%} | "
+                  f"{result['peak_gb']:.1f} |")
             break
 
 

@@ -55,5 +55,7 @@ class StepMetrics:
         metrics.update({"train/samples_per_s": self.samples * world_size / elapsed,
                         "train/tokens_per_s": self.tokens * world_size / elapsed,
                         "train/data_wait_fraction": self.waited / elapsed})
+        if self.sums.device.type == "cuda":  # this rank's peak so far: what a micro batch size must fit under
+            metrics["system/gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(self.sums.device) / 2 ** 30
         self.new_window = True
         return metrics
