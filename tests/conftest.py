@@ -2,6 +2,7 @@
 engine), integration/ (runs through DeepSpeed, several processes, SLURM, end to end) and
 support/ (helpers and the scripts the integration tests start)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))  # `from helpers import ...` in every test
+if not torch.cuda.is_available():  # Triton kernels (attention_backend=fused) run in Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # set before any kernel is defined
 
 from vilbert import ViLBERTConfig
 

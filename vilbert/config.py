@@ -16,7 +16,7 @@ VISUAL_TARGET_KL = 0  # KL to the detector's class distribution (the paper's def
 VISUAL_TARGET_REGRESSION = 1  # regress the masked region's feature vector
 VISUAL_TARGET_NCE = 2  # contrast the masked region's feature against sampled negatives
 
-ATTENTION_BACKENDS = ("sdpa", "eager")
+ATTENTION_BACKENDS = ("sdpa", "eager", "fused")
 FUSION_METHODS = ("mul", "sum")
 
 # Official fields that switch on research code paths we do not carry; any other
@@ -79,7 +79,7 @@ class ViLBERTConfig(PretrainedConfig):
     visualization: bool = False
     # --- ours ---
     layer_norm_eps: float = 1e-12
-    attention_backend: str = "sdpa"  # "sdpa" or "eager" (eager can return attention maps)
+    attention_backend: str = "sdpa"  # "sdpa", "eager" (can return attention maps) or "fused" (Triton kernels)
     use_fused_layer_norm: bool = True  # apex FusedLayerNorm when importable, else torch
     num_vqa_answers: int = 3129
     tie_word_embeddings: bool = True

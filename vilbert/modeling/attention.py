@@ -51,6 +51,10 @@ class Attention(nn.Module):
         probs = None
         if self.backend == "sdpa" and not need_weights:
             mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=context_bias, dropout_p=dropout)
+        elif self.backend == "fused" and not need_weights:
+            from vilbert.modeling.fused_attention import fused_attention
+
+            mixed = fused_attention(q, k, v, context_bias.flatten(1), dropout)
         else:
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + context_bias
             probs = scores.softmax(dim=-1)

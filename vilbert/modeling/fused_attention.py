@@ -1,0 +1,246 @@
+"""Fused attention in Triton (`attention_backend: fused`): scores, padding bias, softmax,
+attention dropout and the weighted sum of the values in one kernel, and its backward in two,
+without the [queries, keys] probabilities ever in memory.
+
+The forward walks the keys a block at a time with the running-max softmax (the flash-attention
+scheme) and keeps each row's maximum and sum for the backward, which recomputes the
+probabilities from them. Dropout draws one Philox number per (batch, head, query, key) from a seed drawn from
+torch's generator, so the backward redraws the same mask and `torch.manual_seed` makes it
+repeat. Padded keys get the official model's additive -10000 (`MASK_VALUE`), so a row whose
+keys are all padding gets uniform weights as in the eager path, never NaN.
+
+Both directions of a co-attention layer (text queries over regions, region queries over text)
+are calls of the same kernel with their own shapes. Triton runs on CUDA tensors; with
+`TRITON_INTERPRET=1` it runs on CPU tensors (slowly), which is how the tests check it against
+the eager path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the fused backend then says what to install
+    triton = None
+
+
+def check_available(device: torch.device) -> None:
+    """RuntimeError naming what is missing for the fused backend on `device`."""
+    if triton is None:
+        raise RuntimeError("attention_backend=fused needs triton: pip install triton")
+    if device.type != "cuda" and not _interpreted():
+        raise RuntimeError(f"attention_backend=fused runs on CUDA (tensors here are on {device}); on CPU use sdpa, "
+                           "or TRITON_INTERPRET=1 to run the kernels in Triton's interpreter (tests)")
+
+
+if triton is not None:
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """a @ b accumulated in fp32: exact fp32 products for fp32 inputs (no TF32), tensor cores
+        for bf16; UPCAST (Triton's interpreter, whose bf16 dot product is wrong) in fp32."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+
+    @triton.jit
+    def _keep(seed, b_h, rows, cols, M, N, p):
+        """The dropout mask of a block: one Philox number per (batch x head, query, key)."""
+        offsets = (b_h * M + rows[:, None]) * N + cols[None, :]
+        return tl.rand(seed, offsets) >= p
+
+    @triton.jit
+    def _forward(Q, K, V, Bias, Out, MAX, SUM, seed, p, scale, M, N, D,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
+                 DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        block, b_h = tl.program_id(0), tl.program_id(1)
+        batch = b_h // HEADS
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        q = tl.load(Q + (b_h * M + rows[:, None]) * D + dims[None, :], mask=(rows[:, None] < M) & (dims[None, :] < D),
+                    other=0.0)
+        running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            inside = cols < N
+            kv = (b_h * N + cols[:, None]) * D + dims[None, :]
+            kv_mask = inside[:, None] & (dims[None, :] < D)
+            k = tl.load(K + kv, mask=kv_mask, other=0.0)
+            v = tl.load(V + kv, mask=kv_mask, other=0.0)
+            bias = tl.load(Bias + batch * N + cols, mask=inside, other=0.0)
+            scores = _dot(q, tl.trans(k), IEEE, UPCAST) * scale + bias[None, :]
+            scores = tl.where(inside[None, :], scores, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, 1))
+            weights = tl.exp(scores - new_max[:, None])
+            correction = tl.exp(running_max - new_max)
+            total = total * correction + tl.sum(weights, 1)
+            if DROPOUT:
+                weights = tl.where(_keep(seed, b_h, rows, cols, M, N, p), weights / (1 - p), 0.0)
+            acc = acc * correction[:, None] + _dot(weights.to(v.dtype), v, IEEE, UPCAST)
+            running_max = new_max
+        out = acc / total[:, None]
+        tl.store(Out + (b_h * M + rows[:, None]) * D + dims[None, :], out.to(Out.dtype.element_ty),
+                 mask=(rows[:, None] < M) & (dims[None, :] < D))
+        tl.store(MAX + b_h * M + rows, running_max, mask=rows < M)
+        tl.store(SUM + b_h * M + rows, total, mask=rows < M)
+
+    @triton.jit
+    def _probabilities(q, k, Bias, row_max, row_sum, batch, b_h, rows, cols, seed, p, scale, M, N,
+                       DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """A block's softmax probabilities (from the forward's row maxima and sums, so that they
+        are its weights exactly: a log-sum-exp loses the low digits of rows whose keys are all
+        padding, whose scores are near -10000) and their dropout factors."""
+        inside = cols < N
+        bias = tl.load(Bias + batch * N + cols, mask=inside, other=0.0)
+        scores = _dot(q, tl.trans(k), IEEE, UPCAST) * scale + bias[None, :]
+        scores = tl.where(inside[None, :] & (rows[:, None] < M), scores, float("-inf"))  # outside: weight 0
+        probs = tl.exp(scores - row_max[:, None]) / row_sum[:, None]
+        if DROPOUT:
+            factor = tl.where(_keep(seed, b_h, rows, cols, M, N, p), 1.0 / (1 - p), 0.0)
+        else:
+            factor = tl.full(probs.shape, 1.0, tl.float32)
+        return probs, factor
+
+    @triton.jit
+    def _backward_keys(Q, K, V, Bias, dO, MAX, SUM, Delta, dK, dV, seed, p, scale, M, N, D,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
+                       DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """dK and dV of a block of keys, over all queries."""
+        block, b_h = tl.program_id(0), tl.program_id(1)
+        batch = b_h // HEADS
+        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        dims = tl.arange(0, BLOCK_D)
+        kv = (b_h * N + cols[:, None]) * D + dims[None, :]
+        kv_mask = (cols[:, None] < N) & (dims[None, :] < D)
+        k = tl.load(K + kv, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv, mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start in range(0, M, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            qo = (b_h * M + rows[:, None]) * D + dims[None, :]
+            qo_mask = (rows[:, None] < M) & (dims[None, :] < D)
+            q = tl.load(Q + qo, mask=qo_mask, other=0.0)
+            do = tl.load(dO + qo, mask=qo_mask, other=0.0)
+            row_max = tl.load(MAX + b_h * M + rows, mask=rows < M, other=0.0)
+            row_sum = tl.load(SUM + b_h * M + rows, mask=rows < M, other=1.0)
+            delta = tl.load(Delta + b_h * M + rows, mask=rows < M, other=0.0)
+            probs, factor = _probabilities(q, k, Bias, row_max, row_sum, batch, b_h, rows, cols, seed, p, scale, M,
+                                           N, DROPOUT, IEEE, UPCAST)
+            dv += _dot(tl.trans((probs * factor).to(do.dtype)), do, IEEE, UPCAST)
+            dprobs = _dot(do, tl.trans(v), IEEE, UPCAST) * factor
+            dscores = probs * (dprobs - delta[:, None])
+            dk += _dot(tl.trans(dscores.to(q.dtype)), q, IEEE, UPCAST) * scale
+        tl.store(dK + kv, dk.to(dK.dtype.element_ty), mask=kv_mask)
+        tl.store(dV + kv, dv.to(dV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _backward_queries(Q, K, V, Bias, dO, MAX, SUM, Delta, dQ, seed, p, scale, M, N, D,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
+                          DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """dQ of a block of queries, over all keys."""
+        block, b_h = tl.program_id(0), tl.program_id(1)
+        batch = b_h // HEADS
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        qo = (b_h * M + rows[:, None]) * D + dims[None, :]
+        qo_mask = (rows[:, None] < M) & (dims[None, :] < D)
+        q = tl.load(Q + qo, mask=qo_mask, other=0.0)
+        do = tl.load(dO + qo, mask=qo_mask, other=0.0)
+        row_max = tl.load(MAX + b_h * M + rows, mask=rows < M, other=0.0)
+        row_sum = tl.load(SUM + b_h * M + rows, mask=rows < M, other=1.0)
+        delta = tl.load(Delta + b_h * M + rows, mask=rows < M, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            kv = (b_h * N + cols[:, None]) * D + dims[None, :]
+            kv_mask = (cols[:, None] < N) & (dims[None, :] < D)
+            k = tl.load(K + kv, mask=kv_mask, other=0.0)
+            v = tl.load(V + kv, mask=kv_mask, other=0.0)
+            probs, factor = _probabilities(q, k, Bias, row_max, row_sum, batch, b_h, rows, cols, seed, p, scale, M,
+                                           N, DROPOUT, IEEE, UPCAST)
+            dprobs = _dot(do, tl.trans(v), IEEE, UPCAST) * factor
+            dscores = probs * (dprobs - delta[:, None])
+            dq += _dot(dscores.to(k.dtype), k, IEEE, UPCAST) * scale
+        tl.store(dQ + qo, dq.to(dQ.dtype.element_ty), mask=qo_mask)
+
+    @triton.jit
+    def _mask(Out, seed, p, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The kernels' dropout mask as a tensor (for tests): 1 kept, 0 dropped."""
+        block_m, block_n, b_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        keep = _keep(seed, b_h, rows, cols, M, N, p)
+        tl.store(Out + (b_h * M + rows[:, None]) * N + cols[None, :], keep.to(tl.float32),
+                 mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _options(q: torch.Tensor, dropout: float) -> dict:
+    """The kernels' compile-time options for these inputs."""
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))  # tl.dot wants every side a power of two >= 16
+    block = 64 if block_d <= 64 else 32  # bounds the registers of a [BLOCK, BLOCK_D] tile
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, HEADS=q.shape[1], DROPOUT=dropout > 0,
+                IEEE=q.dtype == torch.float32, UPCAST=_interpreted())
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, dropout: float, seed: int):
+        b, h, m, d = q.shape
+        n = k.shape[2]
+        q, k, v, bias = q.contiguous(), k.contiguous(), v.contiguous(), bias.float().contiguous()
+        out = torch.empty_like(q)
+        row_max = torch.empty(b * h, m, device=q.device, dtype=torch.float32)
+        row_sum = torch.empty_like(row_max)
+        options = _options(q, dropout)
+        _forward[(triton.cdiv(m, options["BLOCK_M"]), b * h)](q, k, v, bias, out, row_max, row_sum, seed, dropout,
+                                                              d ** -0.5, m, n, d, **options)
+        ctx.save_for_backward(q, k, v, bias, out, row_max, row_sum)
+        ctx.dropout, ctx.seed = dropout, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, bias, out, row_max, row_sum = ctx.saved_tensors
+        b, h, m, d = q.shape
+        n = k.shape[2]
+        grad_out = grad_out.contiguous()
+        delta = (grad_out.float() * out.float()).sum(-1).reshape(b * h, m)  # rowsum(dO * O)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        options = _options(q, ctx.dropout)
+        inputs = (q, k, v, bias, grad_out, row_max, row_sum, delta)
+        scalars = (ctx.seed, ctx.dropout, d ** -0.5, m, n, d)
+        _backward_keys[(triton.cdiv(n, options["BLOCK_N"]), b * h)](*inputs, dk, dv, *scalars, **options)
+        _backward_queries[(triton.cdiv(m, options["BLOCK_M"]), b * h)](*inputs, dq, *scalars, **options)
+        return dq, dk, dv, None, None, None
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor,
+                    dropout: float = 0.0, seed: int | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + key_bias) v with attention dropout `dropout`, fused. q [B, H, M, D],
+    k and v [B, H, N, D], key_bias [B, N] (additive: 0 for real keys, MASK_VALUE for padding).
+    `seed`: the dropout draw (default: drawn from torch's generator)."""
+    check_available(q.device)
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) if dropout > 0 else 0
+    return _FusedAttention.apply(q, k, v, key_bias, float(dropout), seed)
+
+
+def dropout_mask(seed: int, batch_heads: int, m: int, n: int, dropout: float, device) -> torch.Tensor:
+    """[batch x heads, M, N] the mask (1 kept) the kernels use with `seed`: for tests."""
+    check_available(torch.device(device))
+    out = torch.empty(batch_heads, m, n, device=device)
+    _mask[(triton.cdiv(m, 16), triton.cdiv(n, 16), batch_heads)](out, seed, dropout, m, n, BLOCK_M=16, BLOCK_N=16)
+    return out
