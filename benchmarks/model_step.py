@@ -63,10 +63,17 @@ def make_batch(config: ViLBERTConfig, batch: int, device: str, dtype: torch.dtyp
 
 
 def measure(preset: str, backend: str, batch: int, steps: int, device: str, dtype: torch.dtype):
-    """(samples/s, GFLOP per sample) of forward + backward."""
-    config = ViLBERTConfig.from_preset(preset, attention_backend=backend)
+    """(samples/s, GFLOP per sample) of forward + backward. `backend`: an attention backend, or
+    "compiled" (sdpa under torch.compile as `model.compile` runs it, compiled before timing)."""
+    config = ViLBERTConfig.from_preset(preset, attention_backend="sdpa" if backend == "compiled" else backend)
     model = ViLBERTForPretraining(config).to(device, dtype).train()
     inputs = make_batch(config, batch, device, dtype)
+    if backend == "compiled":
+        model.compile(dynamic=True)
+        started = time.perf_counter()
+        model(**inputs).loss.backward()
+        model.zero_grad(set_to_none=True)
+        print(f"(compiling {preset} took {time.perf_counter() - started:.0f} s)", flush=True)
 
     def step():
         model(**inputs).loss.backward()
@@ -87,7 +94,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["base", "small"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
-    parser.add_argument("--backends", nargs="+", default=["sdpa"], help="sdpa and/or eager attention")
+    parser.add_argument("--backends", nargs="+", default=["sdpa"],
+                        help="attention: sdpa, eager, fused (Triton; GPU), and/or compiled (sdpa + torch.compile)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--gpu-batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
@@ -114,6 +122,10 @@ def main() -> None:
             peak = matmul_peak(dtype, device)
             for preset in args.presets:
                 for backend in args.backends:
+                    if backend == "fused" and device != "cuda":
+                        print(f"| {device} | {precision} | {preset} | fused | - | not run: Triton kernels run on GPUs "
+                              "(on CPU only in its interpreter, a correctness check) |")
+                        continue
                     rate, gflop = measure(preset, backend, batch, args.steps, device, dtype)
                     print(f"| {device} | {precision} | {preset} | {backend} | {batch} | {rate:.1f} | {gflop:.1f} | "
                           f"{rate * gflop:.0f} | {peak:.0f} | {rate * gflop / peak:.0%} |", flush=True)

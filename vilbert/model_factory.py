@@ -6,6 +6,7 @@
                    `minilm`, or a Hugging Face name); empty: everything starts fresh
     model.init     fine-tuning: the pretrained model whose encoder it starts from
     model.activation_checkpointing   recompute the encoder's activations in backward (large micro batches)
+    model.compile  torch.compile (inductor) the model in place; compiled kernels cached between runs
 
 Pretraining builds the pretraining heads, fine-tuning the task heads; both call `build_model`,
 and so does nothing else (checkpoint export and `convert-official` take their classes from
@@ -30,6 +31,7 @@ class ModelConfig:
     single_stream: bool | None = None  # deprecated: model.arch=single_stream
     overrides: dict[str, Any] = field(default_factory=dict)  # any ViLBERTConfig field
     activation_checkpointing: bool = False  # keep no layer activations; recompute them in backward
+    compile: bool = False  # torch.compile the model (in place: the same state dict); the first step compiles
 
     def __post_init__(self):
         if self.single_stream is not None:  # the old spelling: still read, with a warning
@@ -67,7 +69,16 @@ def build_model(model: ModelConfig, heads: str, data_fields: dict[str, int], ove
     the task asks for (e.g. its number of answers); model.overrides win over both."""
     built, loaded = _build(model, heads, data_fields, overrides)
     built.set_activation_checkpointing(model.activation_checkpointing)
+    if model.compile:
+        built.compile(dynamic=True)  # batch widths vary (text length, region count): one graph for all
     return built, loaded
+
+
+def compile_cache() -> str:
+    """Where torch.compile keeps compiled kernels between runs (TORCHINDUCTOR_CACHE_DIR sets it)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
 
 
 def _build(model: ModelConfig, heads: str, data_fields: dict[str, int], overrides: dict[str, Any] | None):

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from vilbert.data.tokenizer import check_vocabulary
+from vilbert.model_factory import compile_cache
 from vilbert.train import checkpoint, run_dir
 from vilbert.train.config import TrainConfig, check_inputs
 from vilbert.train.distributed import is_collective_failure, slurm_job
@@ -269,7 +270,7 @@ class Trainer:
     def run(self, resume: str, overwrite: bool) -> dict[str, float]:
         self.set_up(resume, overwrite)
         config, last = self.config, self.config.optim.steps
-        status = "FAILED"
+        status, compiling = "FAILED", config.model.compile  # the first step of a compiled model compiles it
         try:
             while self.state["step"] < last:
                 self.heartbeat.step = self.state["step"]
@@ -277,7 +278,12 @@ class Trainer:
                 step = self.state["step"] + 1
                 evaluated = self.held_out is not None and config.eval.due(step, last)
                 logged = evaluated or config.tracking.due(step, last)
+                started = time.perf_counter()
                 self.step(logged)
+                if compiling and self.env.is_main:
+                    log.info("model.compile: the first step took %.1f s (compiling; the compiled kernels are cached "
+                             "in %s for the next run)", time.perf_counter() - started, compile_cache())
+                compiling = False
                 improved = self.log_and_evaluate(evaluated) if logged else False
                 self.progress.update(1)
                 if improved or config.checkpoint.due(step, last):
