@@ -87,6 +87,7 @@ def test_bf16_falls_back_to_fp32_where_the_hardware_has_no_bf16(monkeypatch, cap
 
 def test_threads_follow_the_usable_cores_minus_the_data_workers(monkeypatch, caplog):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr("vilbert.train.threads.busy_cores", lambda cpus: 0.0)  # an idle machine
     assert usable_cores({}) == (16, "affinity 16")
     assert usable_cores({"LOCAL_WORLD_SIZE": "4"})[0] == 4
     assert usable_cores({"LOCAL_SIZE": "2", "CROSS_RANK": "0"})[0] == 8  # the deepspeed launcher's name for it
@@ -102,3 +103,25 @@ def test_threads_follow_the_usable_cores_minus_the_data_workers(monkeypatch, cap
         assert set_intra_op_threads(4, {"OMP_NUM_THREADS": "2"}) == 1  # never below one
     finally:
         torch.set_num_threads(before)
+
+
+def test_cores_other_processes_keep_busy_are_not_used(monkeypatch, tmp_path):
+    """A thread whose core is taken stalls the whole OpenMP team at every barrier: cores busy
+    with other processes when the run starts are left out; lower-priority (nice) work is not."""
+    from vilbert.train import threads
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  9 9 9 9 9 9 9 9 0 0\n"  # the machine's sum: not read
+                    "cpu0 100 50 20 300 10 1 2 3 0 0\n"  # user nice system idle iowait irq softirq steal
+                    "cpu1 10 0 5 400 0 0 0 0 0 0\ncpu2 1000 0 0 0 0 0 0 0 0 0\n")
+    assert threads.cpu_times({0, 1}, str(stat)) == (100 + 20 + 1 + 2 + 3 + 10 + 5, 486 + 415)
+    samples = iter([(100, 1000), (160, 1100)])  # 60 of 100 jiffies busy over 2 CPUs: 1.2 cores
+    monkeypatch.setattr(threads, "cpu_times", lambda cpus: next(samples))
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    assert threads.busy_cores({0, 1}) == pytest.approx(1.2)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(threads, "busy_cores", lambda cpus: 5.6)
+    assert threads.usable_cores({}) == (10, "affinity 16, 5.6 busy with other processes")
+    assert threads.usable_cores({"LOCAL_WORLD_SIZE": "2"})[0] == 5  # the free cores shared by the ranks
+    monkeypatch.setattr(threads, "busy_cores", lambda cpus: 16.0)
+    assert threads.usable_cores({})[0] == 1  # never below one

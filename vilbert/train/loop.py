@@ -118,6 +118,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, objective: Objective, runtime: Runtime):
         self.objective, self.runtime, self.env = objective, runtime, runtime.env
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # the ranks measure the cores' load together, while none of them computes
         set_intra_op_threads(objective.data_workers)
         self.config = _with_epochs(config, objective.examples_per_epoch) \
             if config.optim.epochs or config.eval.every_epochs else config
