@@ -136,6 +136,9 @@ class Trainer:
         config, env, objective = self.config, self.env, self.objective
         start = run_dir.agreed_plan(config, resume, overwrite, env.is_main)  # rank 0 reads, every rank knows, ...
         torch.manual_seed(config.seed)  # the same initial weights on every rank
+        if config.model.compile and self.runtime.device_type == "cpu" and self.runtime.dtype == torch.bfloat16:
+            raise ValueError("model.compile with bf16 on CPU: torch's inductor fails to compile this model in bf16 "
+                             "on CPU (a C++ code generation error, torch 2.13); compile in fp32 on CPU, or on a GPU")
         model = objective.build_model()
         check_vocabulary(config.data.tokenizer, model.config.vocab_size)
         changed = run_dir.resume_changes(config, type(model).__name__, model.config.to_dict(), self.runtime.layout) \
