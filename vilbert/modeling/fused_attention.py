@@ -56,6 +56,24 @@ if triton is not None:
         return tl.rand(seed, offsets) >= p
 
     @triton.jit
+    def _key_block(K, V, b_h, cols, dims, N, D):
+        """A block of keys and values (zeros past N), and where they are."""
+        kv = (b_h * N + cols[:, None]) * D + dims[None, :]
+        kv_mask = (cols[:, None] < N) & (dims[None, :] < D)
+        return tl.load(K + kv, mask=kv_mask, other=0.0), tl.load(V + kv, mask=kv_mask, other=0.0), kv, kv_mask
+
+    @triton.jit
+    def _query_block(Q, dO, MAX, SUM, Delta, b_h, rows, dims, M, D):
+        """A block of queries, their output gradients, row maxima, sums and rowsum(dO * O), and where they are."""
+        qo = (b_h * M + rows[:, None]) * D + dims[None, :]
+        qo_mask = (rows[:, None] < M) & (dims[None, :] < D)
+        inside = rows < M
+        return (tl.load(Q + qo, mask=qo_mask, other=0.0), tl.load(dO + qo, mask=qo_mask, other=0.0),
+                tl.load(MAX + b_h * M + rows, mask=inside, other=0.0), tl.load(SUM + b_h * M + rows, mask=inside,
+                                                                               other=1.0),
+                tl.load(Delta + b_h * M + rows, mask=inside, other=0.0), qo, qo_mask)
+
+    @triton.jit
     def _forward(Q, K, V, Bias, Out, MAX, SUM, seed, p, scale, M, N, D,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
                  DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
@@ -71,10 +89,7 @@ if triton is not None:
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             inside = cols < N
-            kv = (b_h * N + cols[:, None]) * D + dims[None, :]
-            kv_mask = inside[:, None] & (dims[None, :] < D)
-            k = tl.load(K + kv, mask=kv_mask, other=0.0)
-            v = tl.load(V + kv, mask=kv_mask, other=0.0)
+            k, v, _, _ = _key_block(K, V, b_h, cols, dims, N, D)
             bias = tl.load(Bias + batch * N + cols, mask=inside, other=0.0)
             scores = _dot(q, tl.trans(k), IEEE, UPCAST) * scale + bias[None, :]
             scores = tl.where(inside[None, :], scores, float("-inf"))
@@ -118,21 +133,12 @@ if triton is not None:
         batch = b_h // HEADS
         cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, BLOCK_D)
-        kv = (b_h * N + cols[:, None]) * D + dims[None, :]
-        kv_mask = (cols[:, None] < N) & (dims[None, :] < D)
-        k = tl.load(K + kv, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv, mask=kv_mask, other=0.0)
+        k, v, kv, kv_mask = _key_block(K, V, b_h, cols, dims, N, D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for start in range(0, M, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
-            qo = (b_h * M + rows[:, None]) * D + dims[None, :]
-            qo_mask = (rows[:, None] < M) & (dims[None, :] < D)
-            q = tl.load(Q + qo, mask=qo_mask, other=0.0)
-            do = tl.load(dO + qo, mask=qo_mask, other=0.0)
-            row_max = tl.load(MAX + b_h * M + rows, mask=rows < M, other=0.0)
-            row_sum = tl.load(SUM + b_h * M + rows, mask=rows < M, other=1.0)
-            delta = tl.load(Delta + b_h * M + rows, mask=rows < M, other=0.0)
+            q, do, row_max, row_sum, delta, _, _ = _query_block(Q, dO, MAX, SUM, Delta, b_h, rows, dims, M, D)
             probs, factor = _probabilities(q, k, Bias, row_max, row_sum, batch, b_h, rows, cols, seed, p, scale, M,
                                            N, DROPOUT, IEEE, UPCAST)
             dv += _dot(tl.trans((probs * factor).to(do.dtype)), do, IEEE, UPCAST)
@@ -151,20 +157,11 @@ if triton is not None:
         batch = b_h // HEADS
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
-        qo = (b_h * M + rows[:, None]) * D + dims[None, :]
-        qo_mask = (rows[:, None] < M) & (dims[None, :] < D)
-        q = tl.load(Q + qo, mask=qo_mask, other=0.0)
-        do = tl.load(dO + qo, mask=qo_mask, other=0.0)
-        row_max = tl.load(MAX + b_h * M + rows, mask=rows < M, other=0.0)
-        row_sum = tl.load(SUM + b_h * M + rows, mask=rows < M, other=1.0)
-        delta = tl.load(Delta + b_h * M + rows, mask=rows < M, other=0.0)
+        q, do, row_max, row_sum, delta, qo, qo_mask = _query_block(Q, dO, MAX, SUM, Delta, b_h, rows, dims, M, D)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            kv = (b_h * N + cols[:, None]) * D + dims[None, :]
-            kv_mask = (cols[:, None] < N) & (dims[None, :] < D)
-            k = tl.load(K + kv, mask=kv_mask, other=0.0)
-            v = tl.load(V + kv, mask=kv_mask, other=0.0)
+            k, v, _, _ = _key_block(K, V, b_h, cols, dims, N, D)
             probs, factor = _probabilities(q, k, Bias, row_max, row_sum, batch, b_h, rows, cols, seed, p, scale, M,
                                            N, DROPOUT, IEEE, UPCAST)
             dprobs = _dot(do, tl.trans(v), IEEE, UPCAST) * factor
