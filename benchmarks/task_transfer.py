@@ -62,7 +62,7 @@ def table(results: list[dict]) -> str:
               for init in INITS}
         seeds = sorted(set(by["pretrained"]) & set(by["none"]))
         gains = [by["pretrained"][s] - by["none"][s] for s in seeds]
-        metric = next(r["metric"] for r in results if r["task"] == task)
+        metric = next(r["metric"] for r in results if r["task"] == task and r["init"] in INITS)
         shown = [spread(list(by[init].values())) if by[init] else "-" for init in INITS]
         gain = spread(gains, signed=True) if gains else "-"
         lines.append(f"| {task} | {metric} | {shown[0]} | {shown[1]} | {gain} | {len(seeds)} |")
