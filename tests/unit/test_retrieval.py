@@ -151,7 +151,7 @@ def test_training_choices_are_the_pair_a_random_caption_a_random_image_and_a_har
         assert e["record"]["random_image"] != sample["key"]
         assert e["record"]["hard_image"] in hard[0] and e["record"]["hard_image"] != sample["key"]
         assert np.array_equal(e["images"][2]["features"], store.load(e["record"]["hard_image"])["features"])
-    # The draws replay in a new stream (a resumed run), and change with each visit (a new pass).
+    # The draws replay in a new stream (a rerun), and change with each visit (a new pass).
     replay, draws = TrainingChoices(store, hard), lambda es: [e["record"] for e in es]
     assert draws(replay(sample)) == draws(examples)
     later = [draws(replay(sample)) for _ in range(5)]
