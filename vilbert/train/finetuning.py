@@ -198,7 +198,7 @@ def evaluate_zero_shot(model_dir: str | Path, split: str, task_name: str, out: s
     export (`<run>/model`), the metrics go to that run's metrics.jsonl and MLflow run too
     (as `zero_shot/<task>/...`)."""
     from vilbert.config import ViLBERTConfig
-    from vilbert.modeling.registry import PRETRAINING, class_named, model_class
+    from vilbert.modeling.registry import ARCHITECTURES, PRETRAINING, class_named
     from vilbert.train.config import load_config
 
     model_dir = Path(model_dir)
@@ -206,7 +206,7 @@ def evaluate_zero_shot(model_dir: str | Path, split: str, task_name: str, out: s
         raise FileNotFoundError(f"{model_dir} is not a pretrained model directory (no config.json): give the "
                                 "`model` directory of a pretraining run, or convert-official output")
     cls = class_named((ViLBERTConfig.from_json_file(model_dir / "config.json").architectures or ["?"])[0])
-    if not any(cls is model_class(arch, PRETRAINING) for arch in ("vilbert", "single_stream")):
+    if cls not in {classes[PRETRAINING] for classes in ARCHITECTURES.values()}:
         raise ValueError(f"{model_dir} holds a {cls.__name__}: zero-shot evaluation needs a pretrained model "
                          "(with its alignment head), not a fine-tuned one")
     run_dir = model_dir.parent if (model_dir.parent / "config.yaml").is_file() else None
