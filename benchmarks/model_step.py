@@ -18,8 +18,12 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vilbert import ViLBERTConfig, ViLBERTForPretraining
+from vilbert import ViLBERTConfig
+from vilbert.kernels import choose_kernels
 from vilbert.losses import IGNORE_INDEX
+from vilbert.model_factory import ModelConfig, build_model
+from vilbert.modeling.registry import PRETRAINING
+from vilbert.train.host_memory import keep_freed_memory
 from vilbert.train.precision import native_bf16
 
 TOKENS, REGIONS = 36, 37
@@ -62,11 +66,15 @@ def make_batch(config: ViLBERTConfig, batch: int, device: str, dtype: torch.dtyp
     return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
 
 
-def measure(preset: str, backend: str, batch: int, steps: int, device: str, dtype: torch.dtype):
+def measure(preset: str, backend: str, batch: int, steps: int, device: str, dtype: torch.dtype, kernels):
     """(samples/s, GFLOP per sample) of forward + backward. `backend`: an attention backend, or
-    "compiled" (sdpa under torch.compile as `model.compile` runs it, compiled before timing)."""
-    config = ViLBERTConfig.from_preset(preset, attention_backend="sdpa" if backend == "compiled" else backend)
-    model = ViLBERTForPretraining(config).to(device, dtype).train()
+    "compiled" (sdpa under torch.compile as `model.compile` runs it, compiled before timing);
+    `kernels`: model.kernels (apex's, where built)."""
+    model_config = ModelConfig(preset=preset, kernels=kernels,
+                               overrides={"attention_backend": "sdpa" if backend == "compiled" else backend})
+    model, _ = build_model(model_config, PRETRAINING, {}, device_type=device)
+    config = model.config
+    model = model.to(device, dtype).train()
     inputs = make_batch(config, batch, device, dtype)
     if backend == "compiled":
         model.compile(dynamic=True)
@@ -96,16 +104,25 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     parser.add_argument("--backends", nargs="+", default=["sdpa"],
                         help="attention: sdpa, eager, fused (Triton; GPU), and/or compiled (sdpa + torch.compile)")
+    parser.add_argument("--kernels", default="apex",
+                        help="model.kernels: apex (where built, on a GPU), torch, or names joined by commas")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--gpu-batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="leave glibc's memory thresholds as they are (the engine raises them on CPU)")
     parser.add_argument("--force-bf16", action="store_true", help="run bf16 where it is only emulated (slow)")
     args = parser.parse_args()
 
+    kept = not args.glibc_defaults and keep_freed_memory()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, native bf16 on CPU: {native_bf16('cpu')}"
+          f"{torch.backends.cpu.get_cpu_capability()}, native bf16 on CPU: {native_bf16('cpu')}, "
+          f"glibc keeps freed memory: {kept}"
           + (f", GPU {torch.cuda.get_device_name()}" if "cuda" in devices else ", no GPU"))
+    kernels = args.kernels if args.kernels in ("apex", "torch") else args.kernels.split(",")
+    for device in devices:
+        print(f"{device}: model.kernels={args.kernels}: {choose_kernels(kernels, device, {'gelu'}, True).describe()}")
     print(f"shapes: {TOKENS} tokens, {REGIONS} regions x 2048 features, 1601 classes; forward+backward")
     print("| device | precision | preset | attention | batch | samples/s | GFLOP/sample | GFLOP/s | matmul peak "
           "| of peak |")
@@ -126,7 +143,7 @@ def main() -> None:
                         print(f"| {device} | {precision} | {preset} | fused | - | not run: Triton kernels run on GPUs "
                               "(on CPU only in its interpreter, a correctness check) |")
                         continue
-                    rate, gflop = measure(preset, backend, batch, args.steps, device, dtype)
+                    rate, gflop = measure(preset, backend, batch, args.steps, device, dtype, kernels)
                     print(f"| {device} | {precision} | {preset} | {backend} | {batch} | {rate:.1f} | {gflop:.1f} | "
                           f"{rate * gflop:.0f} | {peak:.0f} | {rate * gflop / peak:.0%} |", flush=True)
 

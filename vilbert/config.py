@@ -80,7 +80,10 @@ class ViLBERTConfig(PretrainedConfig):
     # --- ours ---
     layer_norm_eps: float = 1e-12
     attention_backend: str = "sdpa"  # "sdpa", "eager" (can return attention maps) or "fused" (Triton kernels)
-    use_fused_layer_norm: bool = True  # apex FusedLayerNorm when importable, else torch
+    # apex's kernels (vilbert.kernels; a run's model.kernels sets them), used where importable
+    use_fused_layer_norm: bool = True  # apex FusedLayerNorm, else torch's
+    use_fused_dense: bool = False  # apex fused_dense for the feed-forward, on GPU (tanh-GELU models only)
+    use_fused_xentropy: bool = False  # apex xentropy for the masked-LM loss, on GPU
     num_vqa_answers: int = 3129
     tie_word_embeddings: bool = True
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vilbert.kernels import load
+
 IGNORE_INDEX = -100  # label of tokens that carry no masked-LM target (the official code used -1)
 
 
@@ -19,11 +21,15 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
     return like.sum() * 0.0
 
 
-def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """Cross-entropy over the labelled tokens. `logits` [N, V] are already gathered at the N
-    labelled positions and `labels` [N] are their token ids."""
+    labelled positions and `labels` [N] are their token ids. `fused`: apex's xentropy kernel on
+    GPU (vilbert.kernels), which reads bf16/fp16 logits without an fp32 copy."""
     if labels.numel() == 0:
         return _zero(logits)
+    xentropy = load("xentropy") if fused and logits.is_cuda else None
+    if xentropy is not None:  # (logits, labels, smoothing, ignored label, fp32 losses)
+        return xentropy.apply(logits, labels, 0.0, IGNORE_INDEX, True).mean()
     return F.cross_entropy(logits.float(), labels)
 
 

@@ -7,6 +7,8 @@
     model.init     fine-tuning: the pretrained model whose encoder it starts from
     model.activation_checkpointing   recompute the encoder's activations in backward (large micro batches)
     model.compile  torch.compile (inductor) the model in place; compiled kernels cached between runs
+    model.kernels  NVIDIA apex's fused kernels: apex (where importable), torch, or a list of names
+                   (vilbert.kernels)
 
 Pretraining builds the pretraining heads, fine-tuning the task heads; both call `build_model`,
 and so does nothing else (checkpoint export and `convert-official` take their classes from
@@ -19,7 +21,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from vilbert.config_schema import ConfigError
+from vilbert.config_schema import ConfigError, checked
+from vilbert.kernels import KERNELS, KernelChoice, choose_kernels
 
 
 @dataclass
@@ -32,6 +35,8 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # any ViLBERTConfig field
     activation_checkpointing: bool = False  # keep no layer activations; recompute them in backward
     compile: bool = False  # torch.compile the model (in place: the same state dict); the first step compiles
+    kernels: Any = checked("apex", lambda v: v in ("apex", "torch") or (isinstance(v, list) and set(v) <= set(KERNELS)),
+                           f"apex, torch or a list of {', '.join(KERNELS)}")
 
     def __post_init__(self):
         if self.single_stream is not None:  # the old spelling: still read, with a warning
@@ -60,14 +65,16 @@ def check_model_config(model: ModelConfig) -> None:
                               (f"; did you mean {', '.join(close)}?" if close else " (see vilbert/config.py)"))
 
 
-def build_model(model: ModelConfig, heads: str, data_fields: dict[str, int], overrides: dict[str, Any] | None = None):
+def build_model(model: ModelConfig, heads: str, data_fields: dict[str, int], overrides: dict[str, Any] | None = None,
+                device_type: str = "cpu"):
     """The model of `model.arch` with `heads` ("pretraining" or "tasks"), and the state-dict
     names loaded into it (from model.init's encoder or model.bert's text stream: they train
     at optim.lr, the rest at optim.fresh_lr).
 
     `data_fields` are what the shards fix (v_feature_size, v_target_size); `overrides` what
-    the task asks for (e.g. its number of answers); model.overrides win over both."""
-    built, loaded = _build(model, heads, data_fields, overrides)
+    the task asks for (e.g. its number of answers); model.overrides win over both. The
+    model's `kernels` attribute is the KernelChoice of `model.kernels` on `device_type`."""
+    built, loaded = _build(model, heads, data_fields, overrides, device_type)
     built.set_activation_checkpointing(model.activation_checkpointing)
     if model.compile:
         built.compile(dynamic=True)  # batch widths vary (text length, region count): one graph for all
@@ -81,7 +88,27 @@ def compile_cache() -> str:
     return cache_dir()
 
 
-def _build(model: ModelConfig, heads: str, data_fields: dict[str, int], overrides: dict[str, Any] | None):
+KERNEL_SWITCHES = {"use_fused_layer_norm", "use_fused_dense", "use_fused_xentropy"}  # ViLBERTConfig's, set below
+
+
+def _kernels(config, model: ModelConfig, heads: str, device_type: str) -> KernelChoice:
+    """Resolve model.kernels for this model and run, and switch the model's kernels to it."""
+    from vilbert.modeling.registry import PRETRAINING
+
+    chosen_elsewhere = sorted(KERNEL_SWITCHES & set(model.overrides))
+    if chosen_elsewhere:
+        raise ConfigError(f"model.overrides.{chosen_elsewhere[0]}: model.kernels chooses the kernels (apex, torch or "
+                          f"a list of {', '.join(KERNELS)})")
+    choice = choose_kernels(model.kernels, device_type, {config.hidden_act, config.v_hidden_act},
+                            masked_lm=heads == PRETRAINING)
+    config.use_fused_layer_norm = "fused_layer_norm" in choice.used
+    config.use_fused_dense = "fused_dense" in choice.used
+    config.use_fused_xentropy = "xentropy" in choice.used
+    return choice
+
+
+def _build(model: ModelConfig, heads: str, data_fields: dict[str, int], overrides: dict[str, Any] | None,
+           device_type: str):
     from vilbert.bert_source import resolve_bert
     from vilbert.config import ViLBERTConfig
     from vilbert.convert import from_bert, load_encoder
@@ -102,10 +129,16 @@ def _build(model: ModelConfig, heads: str, data_fields: dict[str, int], override
             if getattr(config, name) != value:
                 raise ValueError(f"model.init={model.init} does not fit the shards' region features: its {name} is "
                                  f"{getattr(config, name)}, theirs {value}")
+        kernels = _kernels(config, model, heads, device_type)
         built = cls(config)
-        return built, load_encoder(built, model.init)
-    config = ViLBERTConfig.from_preset(model.preset, **{**data_fields, **asked})
-    if not model.bert:
-        return cls(config), frozenset()
-    built, report = from_bert(cls, resolve_bert(model.bert), config)  # logs what it loaded (rank 0)
-    return built, frozenset(report.loaded)
+        loaded = load_encoder(built, model.init)
+    else:
+        config = ViLBERTConfig.from_preset(model.preset, **{**data_fields, **asked})
+        kernels = _kernels(config, model, heads, device_type)
+        if model.bert:
+            built, report = from_bert(cls, resolve_bert(model.bert), config)  # logs what it loaded (rank 0)
+            loaded = frozenset(report.loaded)
+        else:
+            built, loaded = cls(config), frozenset()
+    built.kernels = kernels
+    return built, loaded

@@ -81,6 +81,7 @@ def test_kill_resume_export_and_mlflow(tmp_path, toy_world):
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.lr"] == "0.001" and run.data.params["world_size"] == "1"
     assert run.data.params["launcher"] == "python" and len(run.data.params["git_commit"]) > 0
+    assert run.data.params["model.kernels"] == "apex" and run.data.params["model.kernels_used"] == "none"  # CPU
     assert run.data.params["deepspeed.zero_optimization"] == "{'stage': 1}"
     assert run.data.tags["starts"] == "2" and run.data.tags["resumed_from_step"] == "10"
     for name in ("train/loss", "train/mlm_loss", "train/region_loss", "train/alignment_loss", "train/lr",

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vilbert.modeling.dropout import Dropout, dropout
 from vilbert.modeling.layer_norm import layer_norm
 
 # The official model adds this to the scores of padded keys. Unlike -inf it keeps a row
@@ -38,7 +39,7 @@ class Attention(nn.Module):
         self.key = nn.Linear(context_dim, attention_dim)
         self.value = nn.Linear(context_dim, attention_dim)
         self.out = nn.Linear(attention_dim, query_dim)
-        self.dropout = nn.Dropout(hidden_dropout)
+        self.dropout = Dropout(hidden_dropout)
         self.norm = layer_norm(query_dim, eps, fused_layer_norm)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, H*D] -> [B, H, L, D]
@@ -47,17 +48,20 @@ class Attention(nn.Module):
     def forward(self, hidden: torch.Tensor, context: torch.Tensor, context_bias: torch.Tensor,
                 need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         q, k, v = self._heads(self.query(hidden)), self._heads(self.key(context)), self._heads(self.value(context))
-        dropout = self.attention_dropout if self.training else 0.0
+        p = self.attention_dropout if self.training else 0.0
+        # sdpa has no CPU kernel with dropout: it falls back to its math path and bernoulli masks.
+        # The eager branch is that math, with the cheaper mask.
+        kernel = not need_weights and not (p > 0 and q.device.type == "cpu")
         probs = None
-        if self.backend == "sdpa" and not need_weights:
-            mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=context_bias, dropout_p=dropout)
+        if self.backend == "sdpa" and kernel:
+            mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=context_bias, dropout_p=p)
         elif self.backend == "fused" and not need_weights:
             from vilbert.modeling.fused_attention import fused_attention
 
-            mixed = fused_attention(q, k, v, context_bias.flatten(1), dropout)
+            mixed = fused_attention(q, k, v, context_bias.flatten(1), p)
         else:
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + context_bias
             probs = scores.softmax(dim=-1)
-            mixed = F.dropout(probs, dropout, self.training) @ v
+            mixed = dropout(probs, p) @ v
         mixed = mixed.transpose(1, 2).flatten(2)
         return self.norm(self.dropout(self.out(mixed)) + hidden), probs

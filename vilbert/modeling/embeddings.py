@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from vilbert.config import ViLBERTConfig
+from vilbert.modeling.dropout import Dropout
 from vilbert.modeling.layer_norm import layer_norm
 
 LOCATION_DIM = 5  # [x1/W, y1/H, x2/W, y2/H, box area / image area]
@@ -20,7 +21,7 @@ class TextEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = layer_norm(config.hidden_size, config.layer_norm_eps, config.use_fused_layer_norm)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -38,7 +39,7 @@ class RegionEmbeddings(nn.Module):
         self.feature = nn.Linear(config.v_feature_size, hidden_size)
         self.location = nn.Linear(LOCATION_DIM, hidden_size)
         self.norm = layer_norm(hidden_size, config.layer_norm_eps, config.use_fused_layer_norm)
-        self.dropout = nn.Dropout(config.v_hidden_dropout_prob)
+        self.dropout = Dropout(config.v_hidden_dropout_prob)
 
     def forward(self, features: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.norm(self.feature(features) + self.location(locations)))

@@ -9,6 +9,7 @@ from transformers.activations import ACT2FN
 
 from vilbert import losses
 from vilbert.config import VISUAL_TARGET_KL, VISUAL_TARGET_REGRESSION, ViLBERTConfig
+from vilbert.modeling.dropout import Dropout
 from vilbert.modeling.layer_norm import layer_norm
 
 
@@ -51,7 +52,7 @@ class PretrainingHeads(nn.Module):
         self.mlm = PredictionHead(text_dim, config.vocab_size, config.hidden_act, config)  # decoder tied to words
         self.region = PredictionHead(region_dim, config.v_target_size, config.v_hidden_act, config)
         self.alignment = nn.Linear(config.bi_hidden_size, 2)
-        self.dropout = nn.Dropout(0.1)  # fixed in the official heads
+        self.dropout = Dropout(0.1)  # fixed in the official heads
 
     def forward(self, text_sequence, region_sequence, text_pooled, region_pooled, region_mask,
                 masked_lm_labels=None, masked_regions=None, region_targets=None, alignment_labels=None,
@@ -67,7 +68,8 @@ class PretrainingHeads(nn.Module):
                 masked_lm_positions = losses.labelled_positions(masked_lm_labels)
             out["masked_lm_logits"] = self.mlm(text_sequence.flatten(0, 1)[masked_lm_positions])
             out["mlm_loss"] = losses.masked_lm_loss(out["masked_lm_logits"],
-                                                    masked_lm_labels.flatten()[masked_lm_positions])
+                                                    masked_lm_labels.flatten()[masked_lm_positions],
+                                                    fused=self.config.use_fused_xentropy)
         if masked_regions is not None and region_targets is not None:
             out["region_loss"] = self.region_loss(region_logits, region_targets, masked_regions.bool(), region_mask)
         if alignment_labels is not None:

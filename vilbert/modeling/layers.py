@@ -14,21 +14,33 @@ from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from vilbert.config import ViLBERTConfig
+from vilbert.kernels import TANH_GELU, load
 from vilbert.modeling.attention import Attention
+from vilbert.modeling.dropout import Dropout
 from vilbert.modeling.layer_norm import layer_norm
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, inner_dim: int, act: str, dropout: float, eps: float, fused_layer_norm: bool):
+    def __init__(self, dim: int, inner_dim: int, act: str, dropout: float, eps: float, fused_layer_norm: bool,
+                 fused_dense: bool = False):
         super().__init__()
         self.up = nn.Linear(dim, inner_dim)
         self.act = ACT2FN[act]  # "gelu" is the exact (erf) GELU, as in the official model
         self.down = nn.Linear(inner_dim, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm = layer_norm(dim, eps, fused_layer_norm)
+        # apex: up, GELU and down in one call. Its GELU is the tanh approximation: only for that act.
+        if fused_dense and act not in TANH_GELU:
+            raise ValueError(f"use_fused_dense: apex's fused GELU is the tanh approximation, this layer's is {act!r}")
+        self.fused_dense = load("fused_dense") if fused_dense else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.dropout(self.down(self.act(self.up(x)))) + x)
+        if self.fused_dense is not None and x.is_cuda:
+            inner = self.fused_dense(x.flatten(0, -2), self.up.weight, self.up.bias, self.down.weight,
+                                     self.down.bias).view_as(x)
+        else:
+            inner = self.down(self.act(self.up(x)))
+        return self.norm(self.dropout(inner) + x)
 
 
 class TransformerLayer(nn.Module):
@@ -79,7 +91,8 @@ def build_layer(config: ViLBERTConfig, stream: str, context_stream: str | None =
         heads, attention_dropout = config.bi_num_attention_heads, other["attention_dropout"]
     attention = Attention(own["dim"], context_dim, attention_dim, heads, attention_dropout=attention_dropout,
                           hidden_dropout=own["hidden_dropout"], backend=config.attention_backend, **common)
-    feed_forward = FeedForward(own["dim"], own["inner"], own["act"], own["hidden_dropout"], **common)
+    feed_forward = FeedForward(own["dim"], own["inner"], own["act"], own["hidden_dropout"],
+                               fused_dense=config.use_fused_dense, **common)
     return TransformerLayer(attention, feed_forward)
 
 

@@ -9,6 +9,7 @@ from transformers import PreTrainedModel
 
 from vilbert.config import ViLBERTConfig
 from vilbert.modeling.attention import MASK_VALUE, attention_bias
+from vilbert.modeling.dropout import Dropout
 from vilbert.modeling.embeddings import RegionEmbeddings, TextEmbeddings
 from vilbert.modeling.encoder import TwoStreamEncoder
 from vilbert.modeling.heads import Pooler, PretrainingHeads, VQAClassifier, fuse
@@ -107,7 +108,7 @@ class ViLBERTForTasks(ViLBERTPreTrainedModel):
     def __init__(self, config: ViLBERTConfig):
         super().__init__(config)
         self.vilbert = self.base_model_class(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.vqa_head = VQAClassifier(config)
         self.pair_head = nn.Linear(config.bi_hidden_size, 1)
         self.region_head = nn.Linear(getattr(config, self.region_width_field), 1)

@@ -43,13 +43,14 @@ def make_task(config: TrainConfig, index=None):
                config.data.tokenizer)
 
 
-def build_task_model(config: TrainConfig, task, feature_dim: int):
+def build_task_model(config: TrainConfig, task, feature_dim: int, device_type: str = "cpu"):
     """The model to fine-tune and the state-dict names loaded into it (model.init's encoder, or
     model.bert's text stream); the rest starts fresh."""
     from vilbert.model_factory import build_model
     from vilbert.modeling.registry import TASKS
 
-    model, loaded = build_model(config.model, TASKS, {"v_feature_size": feature_dim}, task.model_overrides())
+    model, loaded = build_model(config.model, TASKS, {"v_feature_size": feature_dim}, task.model_overrides(),
+                                device_type=device_type)
     if not config.model.init and config.model.bert:
         log.info("no pretraining: text stream from BERT (%d tensors), the rest fresh", len(loaded))
     return model, loaded
@@ -122,8 +123,8 @@ class FinetuningObjective(Objective):
     def data_workers(self) -> int:
         return self.config.data.workers
 
-    def build_model(self):
-        model, self.loaded_parameters = build_task_model(self.config, self.task, self.index.feature_dim)
+    def build_model(self, device_type: str):
+        model, self.loaded_parameters = build_task_model(self.config, self.task, self.index.feature_dim, device_type)
         return model
 
     def _loader(self, data_config, train: bool, seed_offset: int = 0):

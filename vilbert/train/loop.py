@@ -33,6 +33,7 @@ from vilbert.train import checkpoint, run_dir
 from vilbert.train.config import TrainConfig, check_inputs
 from vilbert.train.distributed import is_collective_failure, slurm_job
 from vilbert.train.heartbeat import Heartbeat
+from vilbert.train.host_memory import keep_freed_memory
 from vilbert.train.interrupt import TrainingInterrupted, stop_request
 from vilbert.train.objective import Objective, best_names
 from vilbert.train.optim import build_optimizer, retarget_schedule, warmup_linear_decay
@@ -121,6 +122,8 @@ class Trainer:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()  # the ranks measure the cores' load together, while none of them computes
         set_intra_op_threads(objective.data_workers)
+        if runtime.device_type == "cpu":
+            keep_freed_memory()
         self.config = _with_epochs(config, objective.examples_per_epoch) \
             if config.optim.epochs or config.eval.every_epochs else config
         self.metrics: dict[str, float] = {}
@@ -139,7 +142,9 @@ class Trainer:
         if config.model.compile and self.runtime.device_type == "cpu" and self.runtime.dtype == torch.bfloat16:
             raise ValueError("model.compile with bf16 on CPU: torch's inductor fails to compile this model in bf16 "
                              "on CPU (a C++ code generation error, torch 2.13); compile in fp32 on CPU, or on a GPU")
-        model = objective.build_model()
+        model = objective.build_model(self.runtime.device_type)
+        if env.is_main:
+            log.info("model.kernels=%s: %s", config.model.kernels, model.kernels.describe())
         check_vocabulary(config.data.tokenizer, model.config.vocab_size)
         changed = run_dir.resume_changes(config, type(model).__name__, model.config.to_dict(), self.runtime.layout) \
             if start.tag is not None else {}
@@ -148,7 +153,8 @@ class Trainer:
                 log.info("resume: %s %s", key, change)
             run_dir.prepare(config, start, overwrite)  # ... rank 0 writes
         checkpoint.barrier()
-        optimizer = build_optimizer(model, config.optim, objective.loaded_parameters)
+        optimizer = build_optimizer(model, config.optim, objective.loaded_parameters,
+                                    fused_adam="fused_adam" in model.kernels.used)
         scheduler = warmup_linear_decay(optimizer, config.optim)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.runtime.ds_config,
                                                     lr_scheduler=scheduler)
@@ -170,7 +176,8 @@ class Trainer:
         self.tracker.start({**config.flat(), **{f"deepspeed.{k}": v for k, v in self.runtime.ds_config.items()},
                             "world_size": env.world_size, "launcher": env.launcher,
                             "device": self.runtime.device_type, "git_commit": git_commit(),
-                            "resumed_from": start.tag or "", "parameters": sum(p.numel() for p in model.parameters())},
+                            "resumed_from": start.tag or "", "parameters": sum(p.numel() for p in model.parameters()),
+                            "model.kernels_used": ",".join(model.kernels.used) or "none"},
                            run_name=config.tracking.run_name or default_run_name(config.output_dir, config.seed),
                            resumed_step=self.state["step"] if start.resumed else None,
                            new_run=config.tracking.new_run or start.branched, slurm_job=slurm_job(),

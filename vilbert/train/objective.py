@@ -59,7 +59,7 @@ class Objective(Protocol):
     @property
     def data_workers(self) -> int: ...  # data processes that take cores from torch's threads
 
-    def build_model(self) -> nn.Module: ...  # the same initial weights on every rank (the seed is set before)
+    def build_model(self, device_type: str) -> nn.Module: ...  # the same initial weights on every rank (seeded before)
 
     def train_batches(self, seed_offset: int) -> Iterator: ...  # endless; seed_offset: the step resumed at
 

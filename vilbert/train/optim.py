@@ -43,21 +43,18 @@ def parameter_groups(model: nn.Module, config: OptimConfig, loaded: frozenset[st
              "lr": config.lr if was_loaded else fresh_lr} for decay, was_loaded in order]
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, loaded: frozenset[str] = frozenset()
-                    ) -> torch.optim.Optimizer:
-    """apex FusedAdam (AdamW mode) when NVIDIA apex is built and a GPU is used, else torch's
-    fused AdamW: one pass over each tensor per step (on CPU 5x faster than its foreach path).
-    `loaded`: the state-dict names that came from a checkpoint (see `parameter_groups`)."""
+def build_optimizer(model: nn.Module, config: OptimConfig, loaded: frozenset[str] = frozenset(),
+                    fused_adam: bool = False) -> torch.optim.Optimizer:
+    """AdamW: apex's FusedAdam in AdamW mode with `fused_adam` (model.kernels chose it), else
+    torch's fused AdamW: one pass over each tensor per step (on CPU 5x faster than its foreach
+    path). `loaded`: the state-dict names that came from a checkpoint (see `parameter_groups`)."""
     import torch
 
     groups = parameter_groups(model, config, loaded)
-    if torch.cuda.is_available():
-        try:
-            from apex.optimizers import FusedAdam
+    if fused_adam:
+        from vilbert.kernels import load
 
-            return FusedAdam(groups, lr=config.lr, betas=config.betas, eps=config.eps, adam_w_mode=True)
-        except ImportError:
-            pass
+        return load("fused_adam")(groups, lr=config.lr, betas=config.betas, eps=config.eps, adam_w_mode=True)
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=True)
 
 

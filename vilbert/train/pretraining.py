@@ -61,13 +61,14 @@ class PretrainingObjective(Objective):
     def data_workers(self) -> int:  # processes that take cores from torch's threads
         return 0 if self.data_factory is not None else self.config.data.workers
 
-    def build_model(self):
+    def build_model(self, device_type: str):
         from vilbert.model_factory import build_model
         from vilbert.modeling.registry import PRETRAINING
 
         shape = {"v_feature_size": self.index.feature_dim, "v_target_size": self.index.num_classes} \
             if self.index else {}  # a data factory (tests): model.overrides give them
-        self.model, self.loaded_parameters = build_model(self.config.model, PRETRAINING, shape)
+        self.model, self.loaded_parameters = build_model(self.config.model, PRETRAINING, shape,
+                                                                 device_type=device_type)
         return self.model
 
     def _loader(self, data_config, *, train: bool, seed_offset: int, rank: int, world_size: int):
