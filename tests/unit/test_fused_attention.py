@@ -87,13 +87,22 @@ def test_attention_dropout_is_the_kernels_mask_in_forward_and_backward():
     assert not torch.equal(fused_attention(q, k, v, bias, p, seed=99), out)
 
 
-def test_a_model_with_fused_attention_matches_sdpa():
-    """Every attention of the tiny model (self, and both directions of co-attention) fused:
-    the outputs and gradients of the sdpa model (dropout off: the backends draw differently)."""
+def test_a_model_with_fused_attention_matches_sdpa(monkeypatch):
+    """Every attention of the tiny model (self, and both directions of co-attention) and every
+    sub-layer's tails fused (bias + GELU; bias + dropout + residual + LayerNorm): the outputs and
+    gradients of the sdpa model (the layers' dropout off: the backends draw differently)."""
+    from vilbert.modeling import fused_tails
+
+    calls = []
+    for name in ("bias_gelu", "bias_dropout_add_norm"):
+        kernel = getattr(fused_tails, name)
+        monkeypatch.setattr(fused_tails, name,
+                            lambda *a, _name=name, _kernel=kernel: calls.append(_name) or _kernel(*a))
     results = []
     for backend in ("sdpa", "fused"):
         config = ViLBERTConfig.from_preset("tiny", attention_backend=backend, attention_probs_dropout_prob=0.0,
-                                           v_attention_probs_dropout_prob=0.0)
+                                           v_attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
+                                           v_hidden_dropout_prob=0.0)
         torch.manual_seed(0)
         model = ViLBERTForPretraining(config)
         torch.manual_seed(1)
@@ -101,6 +110,8 @@ def test_a_model_with_fused_attention_matches_sdpa():
         out.loss.backward()
         results.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (sdpa, sdpa_grads), (fused, fused_grads) = results
+    layers = 3 + 2 + 2 * 2  # tiny: text and region layers, and both halves of each co-attention layer
+    assert calls.count("bias_gelu") == layers and calls.count("bias_dropout_add_norm") == 2 * layers
     assert close(fused.text_logits, sdpa.text_logits, torch.float32) and torch.allclose(fused.loss, sdpa.loss)
     for name, grad in fused_grads.items():
         assert close(grad, sdpa_grads[name], torch.float32), name

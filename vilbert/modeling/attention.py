@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vilbert.modeling import fused_tails
 from vilbert.modeling.dropout import Dropout, dropout
 from vilbert.modeling.layer_norm import layer_norm
 
@@ -64,4 +65,7 @@ class Attention(nn.Module):
             probs = scores.softmax(dim=-1)
             mixed = dropout(probs, p) @ v
         mixed = mixed.transpose(1, 2).flatten(2)
+        if self.backend == "fused" and fused_tails.available(mixed.device):
+            return fused_tails.add_norm(F.linear(mixed, self.out.weight), self.out.bias, hidden, self.norm,
+                                        self.dropout), probs
         return self.norm(self.dropout(self.out(mixed)) + hidden), probs

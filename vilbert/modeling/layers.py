@@ -9,12 +9,14 @@ as they were before the layer (official `BertConnectionLayer`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from vilbert.config import ViLBERTConfig
 from vilbert.kernels import TANH_GELU, load
+from vilbert.modeling import fused_tails
 from vilbert.modeling.attention import Attention
 from vilbert.modeling.dropout import Dropout
 from vilbert.modeling.layer_norm import layer_norm
@@ -22,8 +24,10 @@ from vilbert.modeling.layer_norm import layer_norm
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, inner_dim: int, act: str, dropout: float, eps: float, fused_layer_norm: bool,
-                 fused_dense: bool = False):
+                 fused_dense: bool = False, fused_tails: bool = False):
         super().__init__()
+        self.fused_tails = fused_tails  # attention_backend=fused: bias+GELU, bias+dropout+residual+LayerNorm fused
+        self.exact_gelu = act == "gelu"
         self.up = nn.Linear(dim, inner_dim)
         self.act = ACT2FN[act]  # "gelu" is the exact (erf) GELU, as in the official model
         self.down = nn.Linear(inner_dim, dim)
@@ -38,6 +42,10 @@ class FeedForward(nn.Module):
         if self.fused_dense is not None and x.is_cuda:
             inner = self.fused_dense(x.flatten(0, -2), self.up.weight, self.up.bias, self.down.weight,
                                      self.down.bias).view_as(x)
+        elif self.fused_tails and fused_tails.available(x.device):
+            up = F.linear(x, self.up.weight)
+            up = fused_tails.bias_gelu(up, self.up.bias) if self.exact_gelu else self.act(up + self.up.bias)
+            return fused_tails.add_norm(F.linear(up, self.down.weight), self.down.bias, x, self.norm, self.dropout)
         else:
             inner = self.down(self.act(self.up(x)))
         return self.norm(self.dropout(inner) + x)
@@ -92,7 +100,8 @@ def build_layer(config: ViLBERTConfig, stream: str, context_stream: str | None =
     attention = Attention(own["dim"], context_dim, attention_dim, heads, attention_dropout=attention_dropout,
                           hidden_dropout=own["hidden_dropout"], backend=config.attention_backend, **common)
     feed_forward = FeedForward(own["dim"], own["inner"], own["act"], own["hidden_dropout"],
-                               fused_dense=config.use_fused_dense, **common)
+                               fused_dense=config.use_fused_dense, fused_tails=config.attention_backend == "fused",
+                               **common)
     return TransformerLayer(attention, feed_forward)
 
 
