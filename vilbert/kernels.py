@@ -86,7 +86,9 @@ def _why_not(name: str, device_type: str, hidden_acts: set[str], masked_lm: bool
 def choose_kernels(spec: str | list[str], device_type: str, hidden_acts: set[str], masked_lm: bool) -> KernelChoice:
     """Resolve `model.kernels` for a run on `device_type` whose streams use `hidden_acts`.
     Raises ValueError for an unknown name, or a named kernel that cannot be used."""
-    if spec in ("apex", "torch"):
+    if spec == "torch":
+        return KernelChoice((), {name: "model.kernels=torch" for name in KERNELS})
+    if spec == "apex":
         names, required = list(KERNELS), False
     elif isinstance(spec, (list, tuple)):
         unknown = [name for name in spec if name not in KERNELS]
@@ -96,8 +98,6 @@ def choose_kernels(spec: str | list[str], device_type: str, hidden_acts: set[str
         names, required = list(spec), True
     else:
         raise ValueError(f"model.kernels={spec!r}: write apex, torch or a list of {', '.join(KERNELS)}")
-    if spec == "torch":
-        return KernelChoice((), {name: "model.kernels=torch" for name in names})
     used, not_used = [], {}
     for name in names:
         why = _why_not(name, device_type, hidden_acts, masked_lm)

@@ -15,6 +15,7 @@ from torch import nn
 
 from vilbert.modeling import fused_tails
 from vilbert.modeling.dropout import Dropout, dropout
+from vilbert.modeling.fused_attention import fused_attention
 from vilbert.modeling.layer_norm import layer_norm
 
 # The official model adds this to the scores of padded keys. Unlike -inf it keeps a row
@@ -57,8 +58,6 @@ class Attention(nn.Module):
         if self.backend == "sdpa" and kernel:
             mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=context_bias, dropout_p=p)
         elif self.backend == "fused" and not need_weights:
-            from vilbert.modeling.fused_attention import fused_attention
-
             mixed = fused_attention(q, k, v, context_bias.flatten(1), p)
         else:
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + context_bias

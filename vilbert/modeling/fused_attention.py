@@ -184,6 +184,12 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def draw_seed(dropout: float) -> int:
+    """A kernel's Philox dropout seed, drawn from torch's generator (so `torch.manual_seed` repeats
+    it and activation checkpointing replays it); 0, drawing nothing, without dropout."""
+    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) if dropout > 0 else 0
+
+
 def _options(q: torch.Tensor, dropout: float) -> dict:
     """The kernels' compile-time options for these inputs."""
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))  # tl.dot wants every side a power of two >= 16
@@ -230,9 +236,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias:
     k and v [B, H, N, D], key_bias [B, N] (additive: 0 for real keys, MASK_VALUE for padding).
     `seed`: the dropout draw (default: drawn from torch's generator)."""
     check_available(q.device)
-    if seed is None:
-        seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) if dropout > 0 else 0
-    return _FusedAttention.apply(q, k, v, key_bias, float(dropout), seed)
+    return _FusedAttention.apply(q, k, v, key_bias, float(dropout), draw_seed(dropout) if seed is None else seed)
 
 
 def dropout_mask(seed: int, batch_heads: int, m: int, n: int, dropout: float, device) -> torch.Tensor:

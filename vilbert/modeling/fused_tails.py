@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from vilbert.modeling.fused_attention import _interpreted, triton
+from vilbert.modeling.fused_attention import _interpreted, draw_seed, triton
 
 if triton is not None:
     import triton.language as tl
@@ -34,18 +34,22 @@ if triton is not None:
         return h * cdf, cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
 
     @triton.jit
-    def _bias_gelu_forward(X, B, Y, numel, width, BLOCK: tl.constexpr):
+    def _biased_block(X, B, numel, width, BLOCK: tl.constexpr):
+        """This program's block of x + bias in fp32, its offsets and which of them are inside."""
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < numel
         h = tl.load(X + offsets, mask=inside).to(tl.float32) + tl.load(B + offsets % width, mask=inside).to(tl.float32)
+        return h, offsets, inside
+
+    @triton.jit
+    def _bias_gelu_forward(X, B, Y, numel, width, BLOCK: tl.constexpr):
+        h, offsets, inside = _biased_block(X, B, numel, width, BLOCK)
         y, _ = _gelu_and_slope(h)
         tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=inside)
 
     @triton.jit
     def _bias_gelu_backward(X, B, dY, dX, numel, width, BLOCK: tl.constexpr):
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < numel
-        h = tl.load(X + offsets, mask=inside).to(tl.float32) + tl.load(B + offsets % width, mask=inside).to(tl.float32)
+        h, offsets, inside = _biased_block(X, B, numel, width, BLOCK)
         _, slope = _gelu_and_slope(h)
         dy = tl.load(dY + offsets, mask=inside).to(tl.float32)
         tl.store(dX + offsets, (dy * slope).to(dX.dtype.element_ty), mask=inside)
@@ -62,7 +66,7 @@ if triton is not None:
         return x * factor + tl.load(R + row * width + cols, mask=inside, other=0.0).to(tl.float32), factor
 
     @triton.jit
-    def _add_norm_forward(X, B, R, W, Beta, Y, Mean, Rstd, seed, p, eps, rows, width,
+    def _add_norm_forward(X, B, R, W, Beta, Y, Mean, Rstd, seed, p, eps, width,
                           BLOCK: tl.constexpr, DROPOUT: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -144,7 +148,7 @@ class _BiasDropoutAddNorm(torch.autograd.Function):
         mean = torch.empty(rows, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         block = triton.next_power_of_2(width)
-        _add_norm_forward[(rows,)](x, bias, residual, weight, beta, y, mean, rstd, seed, p, eps, rows, width,
+        _add_norm_forward[(rows,)](x, bias, residual, weight, beta, y, mean, rstd, seed, p, eps, width,
                                    BLOCK=block, DROPOUT=p > 0)
         ctx.save_for_backward(x, bias, residual, weight, mean, rstd)
         ctx.p, ctx.seed = p, seed
@@ -176,10 +180,8 @@ def bias_dropout_add_norm(x: torch.Tensor, bias: torch.Tensor, residual: torch.T
     """LayerNorm(dropout(x + bias, p) + residual) with LayerNorm `weight`, `beta`, `eps`, over the
     last dimension. `seed`: the dropout draw (default: from torch's generator); the mask is the
     one `fused_attention.dropout_mask(seed, 1, rows, width, p)` gives."""
-    if seed is None:
-        seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) if p > 0 else 0
-    return _BiasDropoutAddNorm.apply(x, bias, residual, weight, beta, float(p), float(eps), seed)
-
+    return _BiasDropoutAddNorm.apply(x, bias, residual, weight, beta, float(p), float(eps),
+                                     draw_seed(p) if seed is None else seed)
 
 
 def add_norm(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module,
