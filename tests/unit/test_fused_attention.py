@@ -14,8 +14,9 @@ pytest.importorskip("triton", reason="triton is not installed: pip install trito
 
 from helpers import make_inputs  # noqa: E402
 from vilbert import ViLBERTConfig, ViLBERTForPretraining  # noqa: E402
+from vilbert.modeling import fused_attention as kernels  # noqa: E402
 from vilbert.modeling.attention import MASK_VALUE  # noqa: E402
-from vilbert.modeling.fused_attention import dropout_mask, fused_attention  # noqa: E402
+from vilbert.modeling.fused_attention import dropout_mask, fused_attention, fused_co_attention  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -87,6 +88,38 @@ def test_attention_dropout_is_the_kernels_mask_in_forward_and_backward():
     assert not torch.equal(fused_attention(q, k, v, bias, p, seed=99), out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_co_attention_in_one_launch_equals_its_two_directions_apart(dtype):
+    """19 text tokens (8 of one caption padding) and 3 regions (all of one image padding): the
+    launch for both directions gives the outputs and gradients of the two single calls, bit
+    for bit, with dropout (the same seeds). The single calls match eager (tests above)."""
+    g = torch.Generator().manual_seed(5)
+    b, h, d, text, regions = 2, 2, 16, 19, 3
+    text_bias, region_bias = torch.zeros(b, text), torch.zeros(b, regions)
+    text_bias[0, 11:] = MASK_VALUE
+    region_bias[1] = MASK_VALUE
+    lengths = [text, regions, regions, regions, text, text]  # text queries over regions, region queries over text
+    tensors = [torch.randn(b, h, length, d, generator=g).to(dtype) for length in lengths]
+    directions = [(tensors[0:3], region_bias, 0.2), (tensors[3:6], text_bias, 0.1)]
+    grads = [torch.randn(b, h, length, d, generator=g).to(dtype) for length in (text, regions)]
+    results = []
+    for together in (True, False):
+        inputs = [[t.clone().requires_grad_() for t in qkv] for qkv, _, _ in directions]
+        problems = [(*qkv, bias, p) for qkv, (_, bias, p) in zip(inputs, directions)]
+        if together:
+            outs = fused_co_attention(*problems, seeds=(11, 12))
+        else:
+            outs = [fused_attention(*problem, seed=seed) for problem, seed in zip(problems, (11, 12))]
+        torch.autograd.backward(outs, grads)
+        results.append([*outs, *(t.grad for qkv in inputs for t in qkv)])
+    assert [tuple(t.shape) for t in results[0][:2]] == [(b, h, text, d), (b, h, regions, d)]
+    for name, together, apart in zip(["text out", "region out", *(f"{x}{i}" for i in (1, 2) for x in "qkv")],
+                                     *results):
+        assert torch.equal(together, apart), name
+    with pytest.raises(ValueError, match="same batch, heads, head size"):
+        fused_co_attention(problems[0], (tensors[3][:, :1], tensors[4][:, :1], tensors[5][:, :1], text_bias, 0.1))
+
+
 def test_a_model_with_fused_attention_matches_sdpa(monkeypatch):
     """Every attention of the tiny model (self, and both directions of co-attention) and every
     sub-layer's tails fused (bias + GELU; bias + dropout + residual + LayerNorm): the outputs and
@@ -98,6 +131,9 @@ def test_a_model_with_fused_attention_matches_sdpa(monkeypatch):
         kernel = getattr(fused_tails, name)
         monkeypatch.setattr(fused_tails, name,
                             lambda *a, _name=name, _kernel=kernel: calls.append(_name) or _kernel(*a))
+    launches, attend = [], kernels._FusedAttention.apply
+    monkeypatch.setattr(kernels._FusedAttention, "apply",
+                        lambda dropouts, *rest: launches.append(len(dropouts)) or attend(dropouts, *rest))
     results = []
     for backend in ("sdpa", "fused"):
         config = ViLBERTConfig.from_preset("tiny", attention_backend=backend, attention_probs_dropout_prob=0.0,
@@ -112,6 +148,7 @@ def test_a_model_with_fused_attention_matches_sdpa(monkeypatch):
     (sdpa, sdpa_grads), (fused, fused_grads) = results
     layers = 3 + 2 + 2 * 2  # tiny: text and region layers, and both halves of each co-attention layer
     assert calls.count("bias_gelu") == layers and calls.count("bias_dropout_add_norm") == 2 * layers
+    assert sorted(launches) == [1] * 5 + [2] * 2  # 5 self-attention layers; each co-attention layer once
     assert close(fused.text_logits, sdpa.text_logits, torch.float32) and torch.allclose(fused.loss, sdpa.loss)
     for name, grad in fused_grads.items():
         assert close(grad, sdpa_grads[name], torch.float32), name

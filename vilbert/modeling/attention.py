@@ -47,24 +47,37 @@ class Attention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, H*D] -> [B, H, L, D]
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def forward(self, hidden: torch.Tensor, context: torch.Tensor, context_bias: torch.Tensor,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q, k, v = self._heads(self.query(hidden)), self._heads(self.key(context)), self._heads(self.value(context))
-        p = self.attention_dropout if self.training else 0.0
+    @property
+    def probability_dropout(self) -> float:
+        return self.attention_dropout if self.training else 0.0
+
+    def project(self, hidden: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries from `hidden`, keys and values from `context`, each [B, H, L, D]."""
+        return self._heads(self.query(hidden)), self._heads(self.key(context)), self._heads(self.value(context))
+
+    def mix(self, q, k, v, context_bias, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The values mixed by the attention weights [B, H, M, D], and the weights when asked."""
+        p = self.probability_dropout
         # sdpa has no CPU kernel with dropout: it falls back to its math path and bernoulli masks.
         # The eager branch is that math, with the cheaper mask.
         kernel = not need_weights and not (p > 0 and q.device.type == "cpu")
-        probs = None
         if self.backend == "sdpa" and kernel:
-            mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=context_bias, dropout_p=p)
-        elif self.backend == "fused" and not need_weights:
-            mixed = fused_attention(q, k, v, context_bias.flatten(1), p)
-        else:
-            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + context_bias
-            probs = scores.softmax(dim=-1)
-            mixed = dropout(probs, p) @ v
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=context_bias, dropout_p=p), None
+        if self.backend == "fused" and not need_weights:
+            return fused_attention(q, k, v, context_bias.flatten(1), p), None
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + context_bias
+        probs = scores.softmax(dim=-1)
+        return dropout(probs, p) @ v, probs
+
+    def output(self, mixed: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Heads joined, projected, dropped out, added to `hidden` and normalised."""
         mixed = mixed.transpose(1, 2).flatten(2)
         if self.backend == "fused" and fused_tails.available(mixed.device):
             return fused_tails.add_norm(F.linear(mixed, self.out.weight), self.out.bias, hidden, self.norm,
-                                        self.dropout), probs
-        return self.norm(self.dropout(self.out(mixed)) + hidden), probs
+                                        self.dropout)
+        return self.norm(self.dropout(self.out(mixed)) + hidden)
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor, context_bias: torch.Tensor,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        mixed, probs = self.mix(*self.project(hidden, context), context_bias, need_weights)
+        return self.output(mixed, hidden), probs

@@ -9,8 +9,10 @@ torch's generator, so the backward redraws the same mask and `torch.manual_seed`
 repeat. Padded keys get the official model's additive -10000 (`MASK_VALUE`), so a row whose
 keys are all padding gets uniform weights as in the eager path, never NaN.
 
-Both directions of a co-attention layer (text queries over regions, region queries over text)
-are calls of the same kernel with their own shapes. Triton runs on CUDA tensors; with
+The two directions of a co-attention layer (text queries over regions, region queries over
+text) are one launch of each kernel: the grid's third axis picks the direction, each with its
+own lengths, padding and dropout, and self-attention is the same launch with one. Triton runs
+on CUDA tensors; with
 `TRITON_INTERPRET=1` it runs on CPU tensors (slowly), which is how the tests check it against
 the eager path.
 """
@@ -74,9 +76,10 @@ if triton is not None:
                 tl.load(Delta + b_h * M + rows, mask=inside, other=0.0), qo, qo_mask)
 
     @triton.jit
-    def _forward(Q, K, V, Bias, Out, MAX, SUM, seed, p, scale, M, N, D,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
-                 DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    def _forward_block(Q, K, V, Bias, Out, MAX, SUM, seed, p, M, N, scale, D,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
+                       DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """The output, row maxima and sums of a block of queries, over all keys."""
         block, b_h = tl.program_id(0), tl.program_id(1)
         batch = b_h // HEADS
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -108,6 +111,21 @@ if triton is not None:
         tl.store(SUM + b_h * M + rows, total, mask=rows < M)
 
     @triton.jit
+    def _forward(Q, K, V, Bias, Out, MAX, SUM, seed, p, M, N,
+                 Q2, K2, V2, Bias2, Out2, MAX2, SUM2, seed2, p2, M2, N2, scale, D,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
+                 DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """Grid (query blocks of the longer problem, batch x heads, problems): the second problem,
+        when launched, is program_id(2) == 1; blocks past a problem's queries do nothing."""
+        if tl.program_id(2) == 0:
+            if tl.program_id(0) * BLOCK_M < M:
+                _forward_block(Q, K, V, Bias, Out, MAX, SUM, seed, p, M, N, scale, D,
+                               BLOCK_M, BLOCK_N, BLOCK_D, HEADS, DROPOUT, IEEE, UPCAST)
+        elif tl.program_id(0) * BLOCK_M < M2:
+            _forward_block(Q2, K2, V2, Bias2, Out2, MAX2, SUM2, seed2, p2, M2, N2, scale, D,
+                           BLOCK_M, BLOCK_N, BLOCK_D, HEADS, DROPOUT, IEEE, UPCAST)
+
+    @triton.jit
     def _probabilities(q, k, Bias, row_max, row_sum, batch, b_h, rows, cols, seed, p, scale, M, N,
                        DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         """A block's softmax probabilities (from the forward's row maxima and sums, so that they
@@ -125,9 +143,9 @@ if triton is not None:
         return probs, factor
 
     @triton.jit
-    def _backward_keys(Q, K, V, Bias, dO, MAX, SUM, Delta, dK, dV, seed, p, scale, M, N, D,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
-                       DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    def _backward_keys_block(Q, K, V, Bias, dO, MAX, SUM, Delta, dK, dV, seed, p, M, N, scale, D,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
+                             DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         """dK and dV of a block of keys, over all queries."""
         block, b_h = tl.program_id(0), tl.program_id(1)
         batch = b_h // HEADS
@@ -149,9 +167,23 @@ if triton is not None:
         tl.store(dV + kv, dv.to(dV.dtype.element_ty), mask=kv_mask)
 
     @triton.jit
-    def _backward_queries(Q, K, V, Bias, dO, MAX, SUM, Delta, dQ, seed, p, scale, M, N, D,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
-                          DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    def _backward_keys(Q, K, V, Bias, dO, MAX, SUM, Delta, dK, dV, seed, p, M, N,
+                       Q2, K2, V2, Bias2, dO2, MAX2, SUM2, Delta2, dK2, dV2, seed2, p2, M2, N2, scale, D,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
+                       DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """Grid (key blocks of the longer problem, batch x heads, problems), as `_forward`."""
+        if tl.program_id(2) == 0:
+            if tl.program_id(0) * BLOCK_N < N:
+                _backward_keys_block(Q, K, V, Bias, dO, MAX, SUM, Delta, dK, dV, seed, p, M, N, scale, D,
+                                     BLOCK_M, BLOCK_N, BLOCK_D, HEADS, DROPOUT, IEEE, UPCAST)
+        elif tl.program_id(0) * BLOCK_N < N2:
+            _backward_keys_block(Q2, K2, V2, Bias2, dO2, MAX2, SUM2, Delta2, dK2, dV2, seed2, p2, M2, N2, scale, D,
+                                 BLOCK_M, BLOCK_N, BLOCK_D, HEADS, DROPOUT, IEEE, UPCAST)
+
+    @triton.jit
+    def _backward_queries_block(Q, K, V, Bias, dO, MAX, SUM, Delta, dQ, seed, p, M, N, scale, D,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                HEADS: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         """dQ of a block of queries, over all keys."""
         block, b_h = tl.program_id(0), tl.program_id(1)
         batch = b_h // HEADS
@@ -168,6 +200,20 @@ if triton is not None:
             dscores = probs * (dprobs - delta[:, None])
             dq += _dot(dscores.to(k.dtype), k, IEEE, UPCAST) * scale
         tl.store(dQ + qo, dq.to(dQ.dtype.element_ty), mask=qo_mask)
+
+    @triton.jit
+    def _backward_queries(Q, K, V, Bias, dO, MAX, SUM, Delta, dQ, seed, p, M, N,
+                          Q2, K2, V2, Bias2, dO2, MAX2, SUM2, Delta2, dQ2, seed2, p2, M2, N2, scale, D,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
+                          DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """Grid (query blocks of the longer problem, batch x heads, problems), as `_forward`."""
+        if tl.program_id(2) == 0:
+            if tl.program_id(0) * BLOCK_M < M:
+                _backward_queries_block(Q, K, V, Bias, dO, MAX, SUM, Delta, dQ, seed, p, M, N, scale, D,
+                                        BLOCK_M, BLOCK_N, BLOCK_D, HEADS, DROPOUT, IEEE, UPCAST)
+        elif tl.program_id(0) * BLOCK_M < M2:
+            _backward_queries_block(Q2, K2, V2, Bias2, dO2, MAX2, SUM2, Delta2, dQ2, seed2, p2, M2, N2, scale, D,
+                                    BLOCK_M, BLOCK_N, BLOCK_D, HEADS, DROPOUT, IEEE, UPCAST)
 
     @triton.jit
     def _mask(Out, seed, p, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -190,44 +236,76 @@ def draw_seed(dropout: float) -> int:
     return int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) if dropout > 0 else 0
 
 
-def _options(q: torch.Tensor, dropout: float) -> dict:
+def _options(q: torch.Tensor, dropouts: tuple[float, ...]) -> dict:
     """The kernels' compile-time options for these inputs."""
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))  # tl.dot wants every side a power of two >= 16
     block = 64 if block_d <= 64 else 32  # bounds the registers of a [BLOCK, BLOCK_D] tile
-    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, HEADS=q.shape[1], DROPOUT=dropout > 0,
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, HEADS=q.shape[1], DROPOUT=max(dropouts) > 0,
                 IEEE=q.dtype == torch.float32, UPCAST=_interpreted())
 
 
+def _launch(kernel, block: int, lengths: list[int], problems: list[tuple], q: torch.Tensor, options: dict) -> None:
+    """`kernel` once for all `problems` (one or two): grid (blocks of the longest of `lengths`,
+    batch x heads, problems). A single problem's arguments fill the second's places too, unread."""
+    b, h, _, d = q.shape
+    grid = (triton.cdiv(max(lengths), block), b * h, len(problems))
+    kernel[grid](*problems[0], *problems[-1], d ** -0.5, d, **options)
+
+
 class _FusedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, bias, dropout: float, seed: int):
-        b, h, m, d = q.shape
-        n = k.shape[2]
-        q, k, v, bias = q.contiguous(), k.contiguous(), v.contiguous(), bias.float().contiguous()
-        out = torch.empty_like(q)
-        row_max = torch.empty(b * h, m, device=q.device, dtype=torch.float32)
-        row_sum = torch.empty_like(row_max)
-        options = _options(q, dropout)
-        _forward[(triton.cdiv(m, options["BLOCK_M"]), b * h)](q, k, v, bias, out, row_max, row_sum, seed, dropout,
-                                                              d ** -0.5, m, n, d, **options)
-        ctx.save_for_backward(q, k, v, bias, out, row_max, row_sum)
-        ctx.dropout, ctx.seed = dropout, seed
-        return out
+    """Attention of one or two problems (a co-attention layer's two directions), one launch per
+    kernel. Arguments: the dropouts and seeds of the problems, then each one's q, k, v, key bias."""
 
     @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, bias, out, row_max, row_sum = ctx.saved_tensors
-        b, h, m, d = q.shape
-        n = k.shape[2]
-        grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(-1).reshape(b * h, m)  # rowsum(dO * O)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        options = _options(q, ctx.dropout)
-        inputs = (q, k, v, bias, grad_out, row_max, row_sum, delta)
-        scalars = (ctx.seed, ctx.dropout, d ** -0.5, m, n, d)
-        _backward_keys[(triton.cdiv(n, options["BLOCK_N"]), b * h)](*inputs, dk, dv, *scalars, **options)
-        _backward_queries[(triton.cdiv(m, options["BLOCK_M"]), b * h)](*inputs, dq, *scalars, **options)
-        return dq, dk, dv, None, None, None
+    def forward(ctx, dropouts: tuple[float, ...], seeds: tuple[int, ...], *tensors):
+        problems, saved, outs = [], [], []
+        for i, (p, seed) in enumerate(zip(dropouts, seeds)):
+            q, k, v, bias = (t.contiguous() for t in tensors[4 * i:4 * i + 4])
+            bias = bias.float()
+            out = torch.empty_like(q)
+            row_max = torch.empty(q.shape[0] * q.shape[1], q.shape[2], device=q.device, dtype=torch.float32)
+            row_sum = torch.empty_like(row_max)
+            problems.append((q, k, v, bias, out, row_max, row_sum, seed, p, q.shape[2], k.shape[2]))
+            saved += [q, k, v, bias, out, row_max, row_sum]
+            outs.append(out)
+        q = problems[0][0]
+        options = _options(q, dropouts)
+        _launch(_forward, options["BLOCK_M"], [problem[0].shape[2] for problem in problems], problems, q, options)
+        ctx.save_for_backward(*saved)
+        ctx.dropouts, ctx.seeds = dropouts, seeds
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        saved = ctx.saved_tensors
+        for_keys, for_queries, grads = [], [], []
+        for i, (grad_out, p, seed) in enumerate(zip(grad_outs, ctx.dropouts, ctx.seeds)):
+            q, k, v, bias, out, row_max, row_sum = saved[7 * i:7 * i + 7]
+            grad_out = grad_out.contiguous()
+            delta = (grad_out.float() * out.float()).sum(-1).flatten(0, 1)  # rowsum(dO * O), [B x H, M]
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+            inputs = (q, k, v, bias, grad_out, row_max, row_sum, delta)
+            for_keys.append((*inputs, dk, dv, seed, p, q.shape[2], k.shape[2]))
+            for_queries.append((*inputs, dq, seed, p, q.shape[2], k.shape[2]))
+            grads += [dq, dk, dv, None]
+        q = saved[0]
+        options = _options(q, ctx.dropouts)
+        _launch(_backward_keys, options["BLOCK_N"], [args[1].shape[2] for args in for_keys], for_keys, q, options)
+        _launch(_backward_queries, options["BLOCK_M"], [args[0].shape[2] for args in for_queries], for_queries, q,
+                options)
+        return None, None, *grads
+
+
+def _attend(problems: list[tuple], seeds: list[int] | None) -> tuple[torch.Tensor, ...]:
+    first = problems[0][0]
+    check_available(first.device)
+    for q in (problem[0] for problem in problems[1:]):
+        if (q.shape[:2], q.shape[3], q.dtype, q.device) != (first.shape[:2], first.shape[3], first.dtype, first.device):
+            raise ValueError("fused co-attention: both directions need the same batch, heads, head size, dtype and "
+                             f"device; got q {tuple(first.shape)} {first.dtype} and {tuple(q.shape)} {q.dtype}")
+    dropouts = tuple(float(problem[4]) for problem in problems)
+    seeds = tuple(seeds) if seeds is not None else tuple(draw_seed(p) for p in dropouts)
+    return _FusedAttention.apply(dropouts, seeds, *(t for problem in problems for t in problem[:4]))
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor,
@@ -235,8 +313,16 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias:
     """softmax(q k^T / sqrt(d) + key_bias) v with attention dropout `dropout`, fused. q [B, H, M, D],
     k and v [B, H, N, D], key_bias [B, N] (additive: 0 for real keys, MASK_VALUE for padding).
     `seed`: the dropout draw (default: drawn from torch's generator)."""
-    check_available(q.device)
-    return _FusedAttention.apply(q, k, v, key_bias, float(dropout), draw_seed(dropout) if seed is None else seed)
+    return _attend([(q, k, v, key_bias, dropout)], None if seed is None else [seed])[0]
+
+
+def fused_co_attention(first: tuple, second: tuple, seeds: tuple[int, int] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both directions of a co-attention layer in one launch per kernel: each of `first` and
+    `second` is (q, k, v, key_bias, dropout) as `fused_attention` takes them; they share batch,
+    heads, head size and dtype, not lengths. The outputs equal two `fused_attention` calls
+    with the same seeds (by default one drawn for each direction)."""
+    return _attend([first, second], seeds)
 
 
 def dropout_mask(seed: int, batch_heads: int, m: int, n: int, dropout: float, device) -> torch.Tensor:

@@ -19,6 +19,7 @@ from vilbert.kernels import TANH_GELU, load
 from vilbert.modeling import fused_tails
 from vilbert.modeling.attention import Attention
 from vilbert.modeling.dropout import Dropout
+from vilbert.modeling.fused_attention import fused_co_attention
 from vilbert.modeling.layer_norm import layer_norm
 
 
@@ -110,8 +111,16 @@ class CoAttentionLayer(nn.Module):
         super().__init__()
         self.text = build_layer(config, "text", context_stream="region")  # text queries, region keys/values
         self.region = build_layer(config, "region", context_stream="text")  # region queries, text keys/values
+        self.fused = config.attention_backend == "fused"
 
     def forward(self, text, region, text_bias, region_bias, need_weights=False):
+        if self.fused and not need_weights:  # both directions' attention in one launch of each kernel
+            to_text, to_region = self.text.attention, self.region.attention
+            mixed_text, mixed_region = fused_co_attention(
+                (*to_text.project(text, region), region_bias.flatten(1), to_text.probability_dropout),
+                (*to_region.project(region, text), text_bias.flatten(1), to_region.probability_dropout))
+            return (self.text.feed_forward(to_text.output(mixed_text, text)),
+                    self.region.feed_forward(to_region.output(mixed_region, region)), (None, None))
         new_text, text_probs = self.text(text, region, region_bias, need_weights)
         new_region, region_probs = self.region(region, text, text_bias, need_weights)
         return new_text, new_region, (text_probs, region_probs)
