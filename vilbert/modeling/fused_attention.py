@@ -239,7 +239,11 @@ def draw_seed(dropout: float) -> int:
 def _options(q: torch.Tensor, dropouts: tuple[float, ...]) -> dict:
     """The kernels' compile-time options for these inputs."""
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))  # tl.dot wants every side a power of two >= 16
-    block = 64 if block_d <= 64 else 32  # bounds the registers of a [BLOCK, BLOCK_D] tile
+    # Query and key blocks sized by a tile row's bytes, so that the kernels' shared memory fits
+    # every GPU from sm_80 (fp32 at head size 64 in 64-row blocks needs 129 kB: over the 99 kB
+    # of sm_86/sm_89). tests/support/compile_kernels.py compiles them for those targets.
+    row_bytes = block_d * q.element_size()
+    block = 64 if row_bytes <= 128 else 32 if row_bytes <= 256 else 16
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, HEADS=q.shape[1], DROPOUT=max(dropouts) > 0,
                 IEEE=q.dtype == torch.float32, UPCAST=_interpreted())
 
