@@ -88,22 +88,23 @@ def compile_cache() -> str:
     return cache_dir()
 
 
-KERNEL_SWITCHES = {"use_fused_layer_norm", "use_fused_dense", "use_fused_xentropy"}  # ViLBERTConfig's, set below
+# ViLBERTConfig's kernel switches -> the kernel each turns on; set from model.kernels only
+KERNEL_SWITCHES = {"use_fused_layer_norm": "fused_layer_norm", "use_fused_dense": "fused_dense",
+                   "use_fused_xentropy": "xentropy"}
 
 
 def _kernels(config, model: ModelConfig, heads: str, device_type: str) -> KernelChoice:
     """Resolve model.kernels for this model and run, and switch the model's kernels to it."""
     from vilbert.modeling.registry import PRETRAINING
 
-    chosen_elsewhere = sorted(KERNEL_SWITCHES & set(model.overrides))
+    chosen_elsewhere = sorted(KERNEL_SWITCHES.keys() & set(model.overrides))
     if chosen_elsewhere:
         raise ConfigError(f"model.overrides.{chosen_elsewhere[0]}: model.kernels chooses the kernels (apex, torch or "
                           f"a list of {', '.join(KERNELS)})")
     choice = choose_kernels(model.kernels, device_type, {config.hidden_act, config.v_hidden_act},
                             masked_lm=heads == PRETRAINING)
-    config.use_fused_layer_norm = "fused_layer_norm" in choice.used
-    config.use_fused_dense = "fused_dense" in choice.used
-    config.use_fused_xentropy = "xentropy" in choice.used
+    for switch, kernel in KERNEL_SWITCHES.items():
+        setattr(config, switch, kernel in choice.used)
     return choice
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from vilbert.modeling import fused_tails
 from vilbert.modeling.dropout import Dropout, dropout
+from vilbert.modeling.fused_attention import available as triton_available
 from vilbert.modeling.fused_attention import fused_attention
 from vilbert.modeling.layer_norm import layer_norm
 
@@ -72,7 +73,7 @@ class Attention(nn.Module):
     def output(self, mixed: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Heads joined, projected, dropped out, added to `hidden` and normalised."""
         mixed = mixed.transpose(1, 2).flatten(2)
-        if self.backend == "fused" and fused_tails.available(mixed.device):
+        if self.backend == "fused" and triton_available(mixed.device):
             return fused_tails.add_norm(F.linear(mixed, self.out.weight), self.out.bias, hidden, self.norm,
                                         self.dropout)
         return self.norm(self.dropout(self.out(mixed)) + hidden)

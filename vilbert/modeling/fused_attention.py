@@ -30,11 +30,16 @@ except ImportError:  # the fused backend then says what to install
     triton = None
 
 
+def available(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on tensors of `device`: CUDA, or any under the interpreter."""
+    return triton is not None and (device.type == "cuda" or _interpreted())
+
+
 def check_available(device: torch.device) -> None:
     """RuntimeError naming what is missing for the fused backend on `device`."""
     if triton is None:
         raise RuntimeError("attention_backend=fused needs triton: pip install triton")
-    if device.type != "cuda" and not _interpreted():
+    if not available(device):
         raise RuntimeError(f"attention_backend=fused runs on CUDA (tensors here are on {device}); on CPU use sdpa, "
                            "or TRITON_INTERPRET=1 to run the kernels in Triton's interpreter (tests)")
 

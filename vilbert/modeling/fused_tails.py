@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from vilbert.modeling.fused_attention import _interpreted, draw_seed, triton
+from vilbert.modeling.fused_attention import draw_seed, triton
 
 if triton is not None:
     import triton.language as tl
@@ -112,11 +112,6 @@ if triton is not None:
 
 _ELEMENTS_PER_PROGRAM = 1024
 _MAX_PROGRAMS = 256  # of the add-norm backward: how many partial sums torch adds at the end
-
-
-def available(device: torch.device) -> bool:
-    """Whether the fused tails can run on tensors of `device`."""
-    return triton is not None and (device.type == "cuda" or _interpreted())
 
 
 class _BiasGelu(torch.autograd.Function):

@@ -19,15 +19,16 @@ from vilbert.kernels import TANH_GELU, load
 from vilbert.modeling import fused_tails
 from vilbert.modeling.attention import Attention
 from vilbert.modeling.dropout import Dropout
+from vilbert.modeling.fused_attention import available as triton_available
 from vilbert.modeling.fused_attention import fused_co_attention
 from vilbert.modeling.layer_norm import layer_norm
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, inner_dim: int, act: str, dropout: float, eps: float, fused_layer_norm: bool,
-                 fused_dense: bool = False, fused_tails: bool = False):
+                 fused_dense: bool = False, fuse_tails: bool = False):
         super().__init__()
-        self.fused_tails = fused_tails  # attention_backend=fused: bias+GELU, bias+dropout+residual+LayerNorm fused
+        self.fuse_tails = fuse_tails  # attention_backend=fused: bias+GELU, bias+dropout+residual+LayerNorm fused
         self.exact_gelu = act == "gelu"
         self.up = nn.Linear(dim, inner_dim)
         self.act = ACT2FN[act]  # "gelu" is the exact (erf) GELU, as in the official model
@@ -43,7 +44,7 @@ class FeedForward(nn.Module):
         if self.fused_dense is not None and x.is_cuda:
             inner = self.fused_dense(x.flatten(0, -2), self.up.weight, self.up.bias, self.down.weight,
                                      self.down.bias).view_as(x)
-        elif self.fused_tails and fused_tails.available(x.device):
+        elif self.fuse_tails and triton_available(x.device):
             up = F.linear(x, self.up.weight)
             up = fused_tails.bias_gelu(up, self.up.bias) if self.exact_gelu else self.act(up + self.up.bias)
             return fused_tails.add_norm(F.linear(up, self.down.weight), self.down.bias, x, self.norm, self.dropout)
@@ -101,7 +102,7 @@ def build_layer(config: ViLBERTConfig, stream: str, context_stream: str | None =
     attention = Attention(own["dim"], context_dim, attention_dim, heads, attention_dropout=attention_dropout,
                           hidden_dropout=own["hidden_dropout"], backend=config.attention_backend, **common)
     feed_forward = FeedForward(own["dim"], own["inner"], own["act"], own["hidden_dropout"],
-                               fused_dense=config.use_fused_dense, fused_tails=config.attention_backend == "fused",
+                               fused_dense=config.use_fused_dense, fuse_tails=config.attention_backend == "fused",
                                **common)
     return TransformerLayer(attention, feed_forward)
 
@@ -111,10 +112,9 @@ class CoAttentionLayer(nn.Module):
         super().__init__()
         self.text = build_layer(config, "text", context_stream="region")  # text queries, region keys/values
         self.region = build_layer(config, "region", context_stream="text")  # region queries, text keys/values
-        self.fused = config.attention_backend == "fused"
 
     def forward(self, text, region, text_bias, region_bias, need_weights=False):
-        if self.fused and not need_weights:  # both directions' attention in one launch of each kernel
+        if self.text.attention.backend == "fused" and not need_weights:  # both directions: one launch per kernel
             to_text, to_region = self.text.attention, self.region.attention
             mixed_text, mixed_region = fused_co_attention(
                 (*to_text.project(text, region), region_bias.flatten(1), to_text.probability_dropout),

@@ -8,7 +8,7 @@ ran at 5 GB/s. Raising both thresholds keeps that memory in the process, reused 
 the price is that the process holds its peak. glibc caps the mmap threshold at 32 MB on 64-bit
 machines, so larger tensors are still mapped afresh.
 
-Measured (docs/benchmarks.md): `small` in bf16 on 2 cores, 72-77 -> 90-96 samples/s.
+Measured in docs/benchmarks.md (the `small` step, "dropout only" against "dropout + host memory").
 """
 
 from __future__ import annotations

@@ -67,8 +67,7 @@ class PretrainingObjective(Objective):
 
         shape = {"v_feature_size": self.index.feature_dim, "v_target_size": self.index.num_classes} \
             if self.index else {}  # a data factory (tests): model.overrides give them
-        self.model, self.loaded_parameters = build_model(self.config.model, PRETRAINING, shape,
-                                                                 device_type=device_type)
+        self.model, self.loaded_parameters = build_model(self.config.model, PRETRAINING, shape, device_type=device_type)
         return self.model
 
     def _loader(self, data_config, *, train: bool, seed_offset: int, rank: int, world_size: int):
